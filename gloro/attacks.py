@@ -1,0 +1,566 @@
+"""Empirical audits of GloRo certificates: L2 attacks and Lipschitz lower bounds.
+
+A GloRo Net certifies its prediction `j` at `x` for radius `epsilon` when, for
+every other class `i`, `f_j(x) - f_i(x) > epsilon * K_ji`, with `K_ji` an upper
+bound on the L2 Lipschitz constant of the margin `f_j - f_i`. Two things here
+put such claims to an empirical test:
+
+* `pgd_l2`, a strong L2 projected-gradient attack (random restarts, optional
+  targeted runs) that looks for a point within distance `epsilon` of `x` where
+  the logits model predicts another class.
+* `empirical_margin_lipschitz`, which finds pairs of points (and local
+  gradients) that witness how steep each margin `f_i - f_j` really is: a
+  *lower* bound on its Lipschitz constant.
+
+What an audit proves, and what it does not:
+
+* An attack that **succeeds** on a certified point, or an empirical Lipschitz
+  value that **exceeds** the matching `K_ji`, proves that the certificate (or
+  the bound) is wrong, up to floating-point error: the adversarial point and
+  the witness pairs are concrete and can be checked by hand.
+* An attack that **fails** proves nothing. Gradient methods find local optima;
+  robustness is only established by the certificate itself. Likewise, an
+  empirical Lipschitz value below `K_ji` says nothing about how tight `K_ji`
+  is in the worst case, only that these searches found nothing steeper.
+
+Both functions take the *underlying logits model* (no bottom logit) as a Keras
+model or any TensorFlow-differentiable callable, and run on the TensorFlow
+backend.
+"""
+
+import dataclasses
+import math
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# The projection targets a radius a hair under epsilon: float32 rounding of
+# `x + delta` and of the norm then cannot push an iterate that should lie on
+# the sphere outside of it (and so get it rejected). It costs a relative
+# 1e-6 of attack strength.
+_PROJECTION_SHRINK = 1.0 - 1e-6
+
+# The public contract is `||x_adv - x||_2 <= epsilon * (1 + 1e-6)`, checked
+# in float64 on the returned float32 arrays.
+_BALL_TOLERANCE = 1e-6
+
+# A random offset of this relative size keeps the Lipschitz search off the
+# exact points given: at a ReLU kink autodiff returns a one-sided mix of
+# gradients that need not be the gradient of any nearby linear piece, and so
+# need not be a valid lower bound.
+_KINK_ESCAPE = 1e-4
+
+# Initial separation of a witness pair, relative to the search scale. Large
+# enough that float32 cancellation in `g(a) - g(b)` stays far below the
+# ratio; small enough that the pair starts inside one linear piece near `x`.
+_INITIAL_SEPARATION = 1e-2
+
+# Each ascent step moves the pair by this fraction of its current separation,
+# so the search behaves the same at every scale.
+_ASCENT_STEP = 0.25
+
+
+@dataclasses.dataclass
+class AttackResult:
+    """Outcome of `pgd_l2`, one entry per example.
+
+    Attributes:
+        x_adv: the lowest-margin point found, inside the L2 ball of radius
+            `epsilon` around `x` (`x` itself when nothing better was found).
+        margin: `f_y(x_adv) - max_{i != y} f_i(x_adv)` for the attacked class
+            `y`. Negative (or zero) means the prediction changed.
+        clean_margin: the same margin at `x`.
+        success: `margin <= 0`. A tie counts as success: a certificate claims
+            a strictly positive margin everywhere in the ball.
+    """
+
+    x_adv: np.ndarray
+    margin: np.ndarray
+    clean_margin: np.ndarray
+    success: np.ndarray
+
+    def relative_reduction(self):
+        """Fraction of the clean margin that the attack removed.
+
+        Returns:
+            float numpy array `(n,)`, `(clean_margin - margin) / clean_margin`:
+            0 when the attack found nothing, 1 when it reached the decision
+            boundary, above 1 when it crossed it. NaN where the clean margin
+            is exactly 0.
+        """
+        clean = self.clean_margin.astype(np.float64)
+        reduction = clean - self.margin.astype(np.float64)
+        safe = np.where(clean == 0, 1.0, clean)
+        return np.where(clean == 0, np.nan, reduction / safe)
+
+
+def _check_tensorflow_backend():
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "gloro.attacks needs the TensorFlow backend for its gradients, "
+            f"but Keras runs on '{keras.backend.backend()}'. Set "
+            "KERAS_BACKEND=tensorflow."
+        )
+
+
+def _as_batch(x):
+    x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)
+    if x.ndim < 2:
+        raise ValueError(
+            "x must be a batch of shape (n, ...) with at least 2 dimensions, "
+            f"got shape {x.shape}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x must contain at least one example.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x contains NaN or infinite values.")
+    return x
+
+
+def _check_positive_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_radius(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}.")
+    return value
+
+
+def _logits(f, x, batch_size):
+    """Logits of `f` on `x` in batches, checked to be a finite (n, m) array."""
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+        out = f(tf.convert_to_tensor(x[start : start + batch_size]))
+        parts.append(np.asarray(keras.ops.convert_to_numpy(out), np.float32))
+    logits = np.concatenate(parts)
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            "f must map a batch (n, ...) to logits of shape (n, m), got "
+            f"{logits.shape} for an input of shape {x.shape}."
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(f"f must output at least 2 classes, got {logits.shape[1]}.")
+    return logits
+
+
+def _margins(logits, labels):
+    """`f_y - max_{i != y} f_i` per row, in numpy."""
+    rows = np.arange(logits.shape[0])
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return logits[rows, labels] - others.max(axis=1)
+
+
+def _flat_norms(t):
+    return tf.norm(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+
+
+def _broadcast_rows(v, like):
+    """Reshape a per-example vector so it broadcasts against batch `like`."""
+    return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(like) - 1], tf.int32)], 0))
+
+
+def _sphere(rng, shape, radius):
+    """Points at distance `radius` from 0 in uniformly random directions."""
+    n = shape[0]
+    direction = rng.standard_normal((n, int(np.prod(shape[1:]))))
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-30)
+    return (radius * direction).reshape(shape)
+
+
+def _uniform_ball(rng, shape, radius):
+    """Points distributed uniformly in the L2 ball of `radius`, per row."""
+    dim = int(np.prod(shape[1:]))
+    # Volume grows like r**dim, so the radius of a uniform point is U**(1/dim).
+    r = radius * rng.uniform(size=(shape[0],)) ** (1.0 / dim)
+    r = r.reshape((-1,) + (1,) * (len(shape) - 1))
+    return (_sphere(rng, shape, 1.0) * r).astype(np.float32)
+
+
+def _make_pgd_run(f, steps, clip, input_spec, num_classes):
+    """Builds one compiled PGD run over a batch; see `pgd_l2`."""
+
+    def evaluate(x, delta, label_mask, attack_mask):
+        x_now = x + delta
+        with tf.GradientTape() as tape:
+            tape.watch(x_now)
+            logits = tf.cast(f(x_now), tf.float32)
+            true_logit = tf.reduce_sum(tf.where(label_mask, logits, 0.0), axis=1)
+            other = tf.reduce_max(tf.where(label_mask, -np.inf, logits), axis=1)
+            attacked = tf.reduce_max(tf.where(attack_mask, logits, -np.inf), axis=1)
+            # Examples are independent, so the gradient of the sum is the
+            # per-example gradient.
+            loss = tf.reduce_sum(true_logit - attacked)
+        grad = tape.gradient(loss, x_now)
+        return true_logit - other, grad
+
+    def admit(x, delta, margin, epsilon, best_x, best_margin):
+        # Only points that really lie in the ball may become the answer,
+        # measured on the float32 point that would be returned.
+        inside = _flat_norms(delta) <= epsilon
+        better = tf.logical_and(inside, margin < best_margin)
+        best_x = tf.where(_broadcast_rows(better, x), x + delta, best_x)
+        return best_x, tf.where(better, margin, best_margin)
+
+    def project(x, delta, epsilon):
+        radius = epsilon * _PROJECTION_SHRINK
+        norms = _flat_norms(delta)
+        scale = tf.minimum(1.0, radius / tf.maximum(norms, 1e-30))
+        delta = delta * _broadcast_rows(scale, delta)
+        if clip is None:
+            return delta
+        # x lies in the box, so clipping only shortens coordinates of delta
+        # and keeps the point in the ball.
+        return tf.clip_by_value(x + delta, clip[0], clip[1]) - x
+
+    @tf.function(
+        input_signature=[
+            input_spec,
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, num_classes], tf.bool),
+            input_spec,
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.float32),
+        ]
+    )
+    def run(x, labels, attack_mask, delta, epsilon, step_size):
+        label_mask = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
+        delta = project(x, delta, epsilon)
+        best_x = x
+        best_margin = tf.fill(tf.shape(labels), tf.constant(np.inf, tf.float32))
+        for _ in tf.range(steps):
+            margin, grad = evaluate(x, delta, label_mask, attack_mask)
+            best_x, best_margin = admit(x, delta, margin, epsilon, best_x, best_margin)
+            # Normalised steps: the margin's gradient scale says nothing about
+            # how far to move, and a zero gradient must give a zero step.
+            norms = _broadcast_rows(_flat_norms(grad), grad)
+            direction = tf.math.divide_no_nan(grad, norms)
+            delta = project(x, delta - step_size * direction, epsilon)
+        margin, _ = evaluate(x, delta, label_mask, attack_mask)
+        return admit(x, delta, margin, epsilon, best_x, best_margin)
+
+    return run
+
+
+def pgd_l2(
+    f,
+    x,
+    epsilon,
+    labels=None,
+    steps=100,
+    restarts=5,
+    step_size=None,
+    seed=0,
+    batch_size=256,
+    targets=0,
+    clip=None,
+    verbose=0,
+):
+    """L2 projected gradient descent on the logit margin, with restarts.
+
+    Minimises the margin `f_y(x') - max_{i != y} f_i(x')` (the Carlini-Wagner
+    margin loss) over the L2 ball `||x' - x||_2 <= epsilon` with normalised
+    gradient steps followed by projection onto the ball. Run 0 starts at `x`;
+    the other restarts start at points drawn uniformly from the ball. Every
+    iterate of every run is scored, and the lowest-margin point per example is
+    kept.
+
+    Minimising a margin over a ball is not convex: the untargeted loss can
+    settle on the class that is closest in gradient direction rather than the
+    one that is closest in distance. `targets > 0` adds, for each of the
+    `targets` highest-scoring other classes `t` at `x`, the same schedule of
+    `restarts` runs on the targeted loss `f_y - f_t`, which removes that
+    failure mode for those classes at `1 + targets` times the cost.
+
+    Args:
+        f: the logits model: a Keras model or a TensorFlow-differentiable
+            callable mapping a float32 batch `(n, ...)` to logits `(n, m)`.
+        x: numpy array or tensor `(n, ...)`, the points to attack.
+        epsilon: radius of the L2 ball, a finite number `>= 0`.
+        labels: int array `(n,)`, the class whose margin is attacked. Defaults
+            to the prediction `argmax f(x)`.
+        steps: gradient steps per run, `>= 0`.
+        restarts: runs per loss, `>= 1`; the first starts at `x`.
+        step_size: L2 length of each step. Defaults to `2.5 * epsilon /
+            steps`, enough to cross the ball and come back.
+        seed: seed of the random starts; equal seeds give equal results.
+        batch_size: examples attacked at once.
+        targets: number of extra targeted losses (see above), `>= 0`;
+            capped at `m - 1`.
+        clip: optional `(lo, hi)`; the attack then stays inside that box as
+            well, and `x` must lie in it. By default nothing is clipped: a
+            certificate speaks about the whole L2 ball in input space.
+        verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
+
+    Returns:
+        An `AttackResult` with numpy fields `x_adv` `(n, ...)`, `margin`,
+        `clean_margin` and `success` `(n,)`.
+
+    Raises:
+        ValueError: on a negative or non-finite `epsilon`, malformed `x`,
+            `labels`, `clip`, or counts, or if `f` does not return `(n, m)`
+            logits.
+
+    Example:
+
+    ```python
+    result = attacks.pgd_l2(model, x_test[:100], epsilon=0.3)
+    certified = ...  # from the GloRo Net
+    assert not np.any(result.success & certified)  # else a certificate is wrong
+    print(result.success.mean(), result.relative_reduction().mean())
+    ```
+    """
+    _check_tensorflow_backend()
+    epsilon = _check_radius("epsilon", epsilon)
+    steps = _check_positive_int("steps", steps, 0)
+    restarts = _check_positive_int("restarts", restarts, 1)
+    batch_size = _check_positive_int("batch_size", batch_size, 1)
+    targets = _check_positive_int("targets", targets, 0)
+    if step_size is None:
+        step_size = 2.5 * epsilon / max(steps, 1)
+    step_size = _check_radius("step_size", step_size)
+    x = _as_batch(x)
+    if clip is not None:
+        if len(clip) != 2 or not clip[0] <= clip[1]:
+            raise ValueError(f"clip must be a pair (lo, hi) with lo <= hi, got {clip!r}.")
+        clip = (float(clip[0]), float(clip[1]))
+        if np.any(x < clip[0]) or np.any(x > clip[1]):
+            raise ValueError(f"x lies outside the clip box {clip}.")
+
+    n = x.shape[0]
+    logits = _logits(f, x, batch_size)
+    num_classes = logits.shape[1]
+    if labels is None:
+        labels = np.argmax(logits, axis=1)
+    labels = np.asarray(keras.ops.convert_to_numpy(labels))
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be an integer array of shape ({n},), got dtype "
+            f"{labels.dtype} and shape {labels.shape}."
+        )
+    if np.any(labels < 0) or np.any(labels >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}).")
+    labels = labels.astype(np.int32)
+    clean_margin = _margins(logits, labels)
+
+    # Loss masks: the untargeted one maximises over every other class, each
+    # targeted one over a single runner-up (ranked by the clean logits).
+    label_mask = np.eye(num_classes, dtype=bool)[labels]
+    masks = [~label_mask]
+    ranked = np.argsort(np.where(label_mask, -np.inf, -logits), axis=1, kind="stable")
+    for k in range(min(targets, num_classes - 1)):
+        masks.append(np.eye(num_classes, dtype=bool)[ranked[:, k]])
+
+    run = _make_pgd_run(
+        f,
+        steps,
+        clip,
+        tf.TensorSpec((None,) + x.shape[1:], tf.float32),
+        num_classes,
+    )
+    rng = np.random.default_rng(seed)
+    best_x = x.copy()
+    best_margin = clean_margin.copy()
+    progbar = keras.utils.Progbar(
+        math.ceil(n / batch_size) * len(masks) * restarts, verbose=verbose
+    )
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        xb = x[rows]
+        for mask in masks:
+            for restart in range(restarts):
+                if restart == 0:
+                    delta = np.zeros_like(xb)
+                else:
+                    delta = _uniform_ball(rng, xb.shape, epsilon)
+                run_x, run_margin = run(
+                    xb, labels[rows], mask[rows], delta, epsilon, step_size
+                )
+                run_margin = run_margin.numpy()
+                better = run_margin < best_margin[rows]
+                best_margin[rows] = np.where(better, run_margin, best_margin[rows])
+                best_x[rows][better] = run_x.numpy()[better]
+                progbar.add(1)
+
+    # The in-graph ball test is done in float32; re-check in float64 and fall
+    # back to x where the two disagree, so the contract holds exactly.
+    dist = np.linalg.norm(
+        (best_x.astype(np.float64) - x.astype(np.float64)).reshape(n, -1), axis=1
+    )
+    outside = dist > epsilon * (1 + _BALL_TOLERANCE)
+    best_x[outside] = x[outside]
+    best_margin[outside] = clean_margin[outside]
+    return AttackResult(
+        x_adv=best_x,
+        margin=best_margin,
+        clean_margin=clean_margin,
+        success=best_margin <= 0,
+    )
+
+
+def _make_lipschitz_run(f, steps, input_spec, bounded):
+    """Builds one compiled witness-pair ascent over a batch of (point, pair)."""
+
+    def evaluate(a, b, ci, cj):
+        n = tf.shape(a)[0]
+        with tf.GradientTape() as tape:
+            ab = tf.concat([a, b], axis=0)
+            tape.watch(ab)
+            logits = tf.cast(f(ab), tf.float32)
+            rows = tf.range(2 * n)
+            g = tf.gather_nd(logits, tf.stack([rows, tf.concat([ci, ci], 0)], 1))
+            g -= tf.gather_nd(logits, tf.stack([rows, tf.concat([cj, cj], 0)], 1))
+            # Each g depends only on its own row, so one gradient of the sum
+            # gives every per-row gradient of f_i - f_j.
+            total = tf.reduce_sum(g)
+        grad = tape.gradient(total, ab)
+        grad_a, grad_b = grad[:n], grad[n:]
+        g_a, g_b = g[:n], g[n:]
+        diff = a - b
+        sep = _flat_norms(diff)
+        ratio = tf.abs(g_a - g_b) / sep
+        local = tf.maximum(_flat_norms(grad_a), _flat_norms(grad_b))
+        return ratio, local, g_a - g_b, grad_a, grad_b, diff, sep
+
+    def separate(a, b, radius):
+        if not bounded:
+            return a, b
+        # Pull both ends towards their midpoint, keeping the direction.
+        diff = a - b
+        sep = _flat_norms(diff)
+        shrink = tf.minimum(1.0, radius / tf.maximum(sep, 1e-30))
+        mid = (a + b) / 2
+        half = diff * _broadcast_rows(shrink, diff) / 2
+        return mid + half, mid - half
+
+    @tf.function(
+        input_signature=[
+            input_spec,
+            input_spec,
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([], tf.float32),
+        ]
+    )
+    def run(a, b, ci, cj, radius):
+        best = tf.zeros(tf.shape(ci), tf.float32)
+        for _ in tf.range(steps):
+            ratio, local, gap, grad_a, grad_b, diff, sep = evaluate(a, b, ci, cj)
+            best = tf.maximum(best, tf.maximum(ratio, local))
+            # Gradient of |g(a) - g(b)| / ||a - b|| with respect to a and b.
+            sign = _broadcast_rows(tf.sign(gap), diff)
+            sep_b = _broadcast_rows(sep, diff)
+            pull = _broadcast_rows(ratio, diff) * diff / sep_b**2
+            d_a = sign * grad_a / sep_b - pull
+            d_b = -sign * grad_b / sep_b + pull
+            joint = tf.sqrt(
+                tf.reduce_sum(tf.reshape(d_a, [tf.shape(a)[0], -1]) ** 2, 1)
+                + tf.reduce_sum(tf.reshape(d_b, [tf.shape(a)[0], -1]) ** 2, 1)
+            )
+            length = _broadcast_rows(
+                tf.math.divide_no_nan(_ASCENT_STEP * sep, joint), diff
+            )
+            a, b = separate(a + length * d_a, b + length * d_b, radius)
+        ratio, local, *_ = evaluate(a, b, ci, cj)
+        return tf.maximum(best, tf.maximum(ratio, local))
+
+    return run
+
+
+def empirical_margin_lipschitz(
+    f, x, steps=50, seed=0, radius=None, batch_size=256, verbose=0
+):
+    """Empirical lower bounds on the L2 Lipschitz constants of all margins.
+
+    For every pair of classes `(i, j)` and every point of `x`, a witness pair
+    `(a, b)` starts near the point (`b` a small random offset from `a`) and
+    climbs the ratio `|g(a) - g(b)| / ||a - b||_2` of `g = f_i - f_j` by
+    normalised gradient ascent. Every ratio met along the way is a lower bound
+    on the Lipschitz constant of `g`, and so is the exact local gradient norm
+    `||grad g||_2` at every visited point, which for piecewise-linear networks
+    is usually the stronger of the two. The largest value found over all
+    points and steps is reported.
+
+    Compare the result with the `K_ji` a GloRo Net certifies with: an entry
+    above its `K_ji` (beyond float32 rounding) proves that bound wrong.
+
+    Args:
+        f: the logits model: a Keras model or a TensorFlow-differentiable
+            callable mapping a float32 batch `(n, ...)` to logits `(n, m)`.
+        x: numpy array or tensor `(n, ...)`, the starting points.
+        steps: ascent steps per (point, pair), `>= 0`; 0 only measures the
+            local gradients next to `x`.
+        seed: seed of the random offsets; equal seeds give equal results.
+        radius: optional bound on `||a - b||_2`, for a local search around the
+            data at the scale of a certificate radius. It also sets the scale
+            of the starting offsets, which otherwise follows the mean norm of
+            the points of `x`.
+        batch_size: (point, pair) searches run at once; each one evaluates
+            `f` on two points.
+        verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
+
+    Returns:
+        numpy float32 array `(m, m)`: entry `[i, j]` is the lower bound found
+        for the Lipschitz constant of `f_i - f_j`. It is symmetric with a zero
+        diagonal.
+
+    Raises:
+        ValueError: on malformed `x`, counts or `radius` (which must be
+            finite and `> 0`), or if `f` does not return `(n, m)` logits.
+
+    Example:
+
+    ```python
+    lower = attacks.empirical_margin_lipschitz(model, x_test[:32])
+    assert np.all(lower <= upper * (1 + 1e-5))  # upper: the certified K
+    ```
+    """
+    _check_tensorflow_backend()
+    steps = _check_positive_int("steps", steps, 0)
+    batch_size = _check_positive_int("batch_size", batch_size, 1)
+    if radius is not None:
+        radius = _check_radius("radius", radius)
+        if radius == 0:
+            raise ValueError("radius must be > 0: a pair needs two distinct points.")
+    x = _as_batch(x)
+    n = x.shape[0]
+    num_classes = _logits(f, x, batch_size).shape[1]
+
+    if radius is None:
+        scale = float(np.mean(np.linalg.norm(x.reshape(n, -1), axis=1)))
+        scale = scale if scale > 0 else 1.0
+    else:
+        scale = radius
+    pair_i, pair_j = np.triu_indices(num_classes, k=1)
+    point = np.repeat(np.arange(n), len(pair_i))
+    ci = np.tile(pair_i, n).astype(np.int32)
+    cj = np.tile(pair_j, n).astype(np.int32)
+
+    run = _make_lipschitz_run(
+        f, steps, tf.TensorSpec((None,) + x.shape[1:], tf.float32), radius is not None
+    )
+    rng = np.random.default_rng(seed)
+    best = np.zeros(len(point), np.float32)
+    progbar = keras.utils.Progbar(len(point), verbose=verbose)
+    for start in range(0, len(point), batch_size):
+        rows = slice(start, start + batch_size)
+        xb = x[point[rows]]
+        a = (xb + _sphere(rng, xb.shape, _KINK_ESCAPE * scale)).astype(np.float32)
+        b = (a + _sphere(rng, xb.shape, _INITIAL_SEPARATION * scale)).astype(np.float32)
+        best[rows] = run(a, b, ci[rows], cj[rows], scale).numpy()
+        progbar.add(xb.shape[0])
+
+    lip = np.zeros((num_classes, num_classes), np.float32)
+    np.maximum.at(lip, (ci, cj), best)
+    return np.maximum(lip, lip.T)
+

@@ -1,0 +1,137 @@
+"""The ⊥ ("not certified") logit, certified radii and GloRo predictions.
+
+Given logits `f(x)` (n, m), the predicted class `j = argmax f(x)` and margin
+Lipschitz constants `K[j, i]` (a bound on the Lipschitz constant of
+`f_j - f_i`), the point is certified at radius `eps` when for every `i != j`
+
+    f_j(x) - f_i(x) > eps * K[j, i]   (with slack, see below),
+
+and then no input within L2 distance `eps` changes the prediction. The ⊥
+logit is `max_{i != j} f_i(x) + eps * K[j, i]`, so `argmax` over the `m + 1`
+logits is `j` exactly when `j` is certified, and ⊥ (index `m`) otherwise.
+
+Soundness details:
+* Ties for the top logit are never certified (the tied class makes the ⊥
+  logit at least the top one), for any epsilon including 0.
+* The test is made in float32 with a relative slack `MARGIN_SLACK` so that
+  rounding in forming `f_i + eps * K` can only refuse a certificate, never
+  grant one; the output ⊥ logit is then nudged to sit strictly above or below
+  the top logit so that `argmax` agrees with the test.
+* Rows with a NaN or inf logit are never certified: their output is `-inf`
+  for every class and `+inf` for ⊥.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Far above float32 rounding of one multiply-add (2**-24), far below any
+# margin that matters.
+MARGIN_SLACK = 2.0**-20
+
+
+def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
+    """Appends the ⊥ logit to a batch of logits.
+
+    Args:
+        logits: float tensor `(n, m)`.
+        margin_lipschitz: float32 tensor `(m, m)`, `K[j, i]` bounds the
+            Lipschitz constant of `f_j - f_i`.
+        epsilon: float32 scalar tensor, the certified radius.
+        certify: scalar bool tensor; where False nothing is certified (used
+            while the constants are stale).
+
+    Returns:
+        float32 tensor `(n, m + 1)`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    m = tf.shape(logits)[1]
+    top_index = tf.argmax(logits, axis=1, output_type=tf.int32)
+    top = tf.reduce_max(logits, axis=1)
+    k_rows = tf.gather(margin_lipschitz, top_index)
+    competitors = logits + epsilon * k_rows
+    is_top = tf.one_hot(top_index, m, on_value=True, off_value=False)
+    bottom = tf.reduce_max(tf.where(is_top, -np.inf, competitors), axis=1)
+    finite = tf.reduce_all(tf.math.is_finite(logits), axis=1)
+    certified = (
+        (top - bottom > MARGIN_SLACK * (tf.abs(top) + tf.abs(bottom)))
+        & finite
+        & certify
+    )
+    rejected_bottom = tf.maximum(bottom, tf.math.nextafter(top, np.inf))
+    bottom = tf.where(certified, bottom, rejected_bottom)
+    bottom = tf.where(finite, bottom, np.inf)
+    logits = tf.where(finite[:, None], logits, -np.inf)
+    return tf.concat([logits, bottom[:, None]], axis=1)
+
+
+def certified_radius(logits, margin_lipschitz):
+    """Largest radius at which each prediction is certified.
+
+    `min_{i != j} (f_j - f_i) / K[j, i]`, reduced by the same slack as the
+    ⊥ logit's test; 0 for ties and non-finite rows, inf when every competing
+    margin is constant (`K[j, i] = 0`).
+
+    Args:
+        logits: array `(n, m)`.
+        margin_lipschitz: array `(m, m)`.
+
+    Returns:
+        float64 numpy array `(n,)`.
+    """
+    logits = np.asarray(logits, np.float64)
+    k = np.asarray(margin_lipschitz, np.float64)
+    if logits.shape[0] == 0:
+        return np.zeros((0,))
+    top_index = np.argmax(logits, axis=1)
+    top = logits[np.arange(len(logits)), top_index]
+    gaps = top[:, None] - logits - 2 * MARGIN_SLACK * (np.abs(top)[:, None] + np.abs(logits))
+    k_rows = k[top_index]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radii = np.where(k_rows > 0, gaps / k_rows, np.where(gaps > 0, np.inf, 0.0))
+    radii[np.arange(len(logits)), top_index] = np.inf
+    radius = np.maximum(np.min(radii, axis=1), 0.0)
+    finite = np.all(np.isfinite(logits), axis=1)
+    return np.where(finite, radius, 0.0)
+
+
+def gloro_predictions(y_pred):
+    """Class predicted by a GloroNet output; `m` (⊥) where not certified.
+
+    Args:
+        y_pred: tensor `(n, m + 1)` of GloroNet logits.
+
+    Returns:
+        int32 tensor `(n,)`.
+    """
+    y_pred = tf.convert_to_tensor(y_pred)
+    m = tf.shape(y_pred)[1] - 1
+    prediction = tf.argmax(y_pred, axis=1, output_type=tf.int32)
+    finite = tf.reduce_all(tf.math.is_finite(y_pred[:, :-1]), axis=1)
+    return tf.where(finite, prediction, m)
+
+
+def sparse_labels(y_true, num_classes):
+    """Integer class labels from sparse or one-hot labels.
+
+    Args:
+        y_true: labels shaped `(n,)` or `(n, 1)` (class indices) or
+            `(n, num_classes)` (one-hot or soft labels, argmax is taken).
+        num_classes: number of real classes `m` (⊥ is never a label).
+
+    Returns:
+        int32 tensor `(n,)`.
+
+    Raises:
+        ValueError: the shape matches neither form.
+    """
+    y_true = tf.convert_to_tensor(y_true)
+    shape = y_true.shape
+    if shape.rank == 1 or (shape.rank == 2 and shape[1] == 1 and num_classes != 1):
+        return tf.cast(tf.reshape(y_true, (-1,)), tf.int32)
+    if shape.rank == 2 and shape[1] == num_classes:
+        return tf.argmax(y_true, axis=1, output_type=tf.int32)
+    raise ValueError(
+        f"Labels of shape {tuple(shape)} match neither sparse labels (n,) or "
+        f"(n, 1) nor one-hot labels (n, {num_classes}) for a model with "
+        f"{num_classes} classes."
+    )

@@ -1,0 +1,459 @@
+"""`GloroNet`: a Keras model that certifies its own predictions."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gloro import certificates, layers as gloro_layers, lipschitz, losses
+from gloro import metrics as gloro_metrics
+from gloro.callbacks import LipschitzRefresh
+
+
+def _check_epsilon(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"epsilon must be a number, got {value!r} of type {type(value).__name__}.")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _chain(model):
+    """The layers of `model` in order, checking that they form a chain."""
+    if isinstance(model, keras.Sequential):
+        chain = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    else:
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ValueError(
+                f"GloroNet needs a model with one input and one output; '{model.name}' "
+                f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs."
+            )
+        chain = []
+        for _, nodes in sorted(model._nodes_by_depth.items(), reverse=True):
+            if len(nodes) != 1 or len(nodes[0].input_tensors) > 1:
+                names = ", ".join(f"'{n.operation.name}'" for n in nodes)
+                raise ValueError(
+                    f"Layer(s) {names} of '{model.name}' are not part of a simple "
+                    "chain (a branch, a residual connection or a merge). GloroNet "
+                    "bounds sequential chains of layers only; for residual "
+                    "networks fold the skip connection into the layer's kernel "
+                    "(LiResNet style) so the model is a chain."
+                )
+            if not isinstance(nodes[0].operation, keras.layers.InputLayer):
+                chain.append(nodes[0].operation)
+    for layer in chain:
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                f"Layer '{layer.name}' is a nested model; build the network as "
+                "one flat chain of layers for GloroNet."
+            )
+    if not chain:
+        raise ValueError(f"Model '{model.name}' has no layers.")
+    return chain
+
+
+def _to_gloro_layer(layer):
+    """Plain Keras Dense/Conv2D become their caching gloro versions."""
+    if type(layer) is keras.layers.Dense:
+        return gloro_layers.Dense.from_config(layer.get_config())
+    if type(layer) is keras.layers.Conv2D:
+        return gloro_layers.Conv2D.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _with_gloro_layers(model):
+    """`model` itself if its linear layers cache their norms, else a clone
+    whose plain Dense/Conv2D layers are gloro layers with the same weights."""
+    plain = [
+        l for l in _chain(model)
+        if type(l) in (keras.layers.Dense, keras.layers.Conv2D)
+    ]
+    if not plain:
+        return model
+    clone = keras.models.clone_model(model, clone_function=_to_gloro_layer)
+    for old, new in zip(_chain(model), _chain(clone)):
+        for old_weight, new_weight in zip(old.weights, new.weights):
+            new_weight.assign(old_weight)
+    return clone
+
+
+@keras.saving.register_keras_serializable(package="gloro")
+class GloroNet(keras.Model):
+    """A globally-robust network: the logits of `f` plus a ⊥ logit.
+
+    For an input `x` with prediction `j = argmax f(x)`, the ⊥ logit is
+    `max_{i != j} f_i(x) + epsilon * K[j, i]`, where `K[j, i]` bounds the
+    Lipschitz constant of `f_j - f_i` (the product of the hidden layers'
+    bounds times `||w_j - w_i||` of the logits layer). The output's argmax is
+    `j` only when no input within L2 distance `epsilon` of `x` can change the
+    prediction; otherwise it is ⊥ (index `m`). Ties and NaN/inf are never
+    certified (see `gloro.certificates`).
+
+    During training, the bounds are differentiable power-iteration estimates
+    (one step per layer per training step, `power_iterations`). Certificates
+    (`evaluate`, `predict`, `save`, `export`, and calls with
+    `training=False`) use guaranteed bounds computed by `freeze_lipschitz`;
+    while those are stale (after any training-mode call) inference certifies
+    nothing until they are recomputed, which `fit`, `predict`, `evaluate`,
+    `save` and `export` do by themselves.
+
+    The network must be a chain of layers with known bounds (see
+    `gloro.layers`) ending in a linear `Dense` logits layer. Plain Keras
+    `Dense` / `Conv2D` layers are swapped for the gloro versions, with the same
+    weights; `g.f` is the model actually used.
+
+    Args:
+        inputs, outputs: as for a functional `keras.Model` (the logits model).
+        model: alternatively, an existing logits model.
+        epsilon: the certified L2 radius, a number >= 0.
+        power_iterations: power-iteration steps per layer per training step.
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Example:
+
+    ```python
+    x = keras.Input((28, 28, 1))
+    z = gloro.layers.Conv2D(16, 4, strides=2, padding="same")(x)
+    z = gloro.layers.MinMax()(z)
+    z = gloro.layers.Flatten()(z)
+    y = gloro.layers.Dense(10)(z)
+    g = gloro.GloroNet(x, y, epsilon=0.3)
+    g.compile(optimizer="adam", loss="sparse_crossentropy",
+              metrics=["clean_acc", "vra", "rejection_rate"])
+    g.fit(x_train, y_train, epochs=5)
+    g.predict(x_test)   # (n, 11): 10 classes and ⊥
+    ```
+    """
+
+    def __init__(self, inputs=None, outputs=None, *, model=None, epsilon, power_iterations=1, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if model is None:
+            if inputs is None or outputs is None:
+                raise ValueError("GloroNet needs either `inputs` and `outputs`, or `model=`.")
+            model = keras.Model(inputs, outputs)
+        elif inputs is not None or outputs is not None:
+            raise ValueError("Pass either `inputs` and `outputs`, or `model=`, not both.")
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+        if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 1:
+            raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}.")
+        self.power_iterations = power_iterations
+        self.f = _with_gloro_layers(model)
+        chain = _chain(self.f)
+        self._hidden, self._head = chain[:-1], chain[-1]
+        self._check_head()
+        self.num_classes = self._head.units
+        self._spectral = [l for l in self._hidden if isinstance(l, gloro_layers.SpectralNormCache)]
+        static = [lipschitz.static_bound(l) for l in self._hidden if l not in self._spectral]
+        self._static_bound = float(np.prod(static))
+        self._epsilon = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
+            trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
+        )
+        self._margin_lipschitz = self.add_weight(
+            shape=(self.num_classes, self.num_classes), initializer="zeros",
+            trainable=False, dtype="float32", aggregation="only_first_replica",
+            name="margin_lipschitz",
+        )
+        # 1.0 while _margin_lipschitz holds guaranteed bounds for the current
+        # weights; a variable so that training can invalidate it inside the
+        # compiled step.
+        self._frozen = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, dtype="float32",
+            aggregation="only_first_replica", name="lipschitz_frozen",
+        )
+        self.build(self.f.input_shape)
+
+    def _check_head(self):
+        head = self._head
+        if not isinstance(head, keras.layers.Dense):
+            hint = " Remove the softmax: GloroNet needs logits." if isinstance(head, keras.layers.Softmax) or (
+                isinstance(head, keras.layers.Activation)) else ""
+            raise ValueError(
+                f"The last layer '{head.name}' ({type(head).__name__}) must be a "
+                f"Dense layer producing logits.{hint}"
+            )
+        activation = keras.activations.serialize(head.activation)
+        if activation != "linear":
+            raise ValueError(
+                f"The last layer '{head.name}' has activation {activation!r}; "
+                "GloroNet needs linear logits (activation=None). Remove the "
+                "activation (a softmax does not change the prediction)."
+            )
+        shape = self.f.output_shape
+        if len(shape) != 2 or len(head.input.shape) != 2:
+            raise ValueError(
+                f"GloroNet needs logits of shape (batch, m) from a Dense layer on "
+                f"flat features; the model outputs {shape}. Add a Flatten layer "
+                "before the last Dense layer."
+            )
+        if head.units < 2:
+            raise ValueError(f"GloroNet needs at least 2 classes; the last layer has {head.units} unit.")
+
+    def build(self, input_shape):
+        self.built = True
+
+    # ------------------------------------------------------------ epsilon
+
+    @property
+    def epsilon(self):
+        """The certified L2 radius; settable at any time, also during `fit`."""
+        return float(self._epsilon.numpy())
+
+    @epsilon.setter
+    def epsilon(self, value):
+        self._epsilon.assign(_check_epsilon(value))
+
+    # -------------------------------------------------------------- call
+
+    def call(self, x, training=False):
+        """Logits of `f` followed by the ⊥ logit.
+
+        Args:
+            x: a batch of inputs shaped like `f`'s input.
+            training: if True, the constants are differentiable estimates
+                from one more power-iteration step per layer, and the frozen
+                certificates are marked stale.
+
+        Returns:
+            float32 tensor `(n, m + 1)`; the last column is ⊥.
+        """
+        self._check_input(x)
+        logits = self.f(x, training=training)
+        if training:
+            self._frozen.assign(0.0)
+            lipschitz_h = self._static_bound
+            for layer in self._spectral:
+                lipschitz_h = lipschitz_h * layer.power_step(self.power_iterations)
+            kernel = tf.cast(tf.convert_to_tensor(self._head.kernel), tf.float32)
+            margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_tf(kernel)
+            certify = True
+        else:
+            margin_lipschitz = tf.convert_to_tensor(self._margin_lipschitz)
+            certify = self._frozen > 0.5
+        return certificates.add_bottom_logit(
+            logits, margin_lipschitz, tf.convert_to_tensor(self._epsilon), certify
+        )
+
+    def _check_input(self, x):
+        expected = tuple(self.f.input_shape[1:])
+        shape = tuple(x.shape[1:])
+        if len(shape) != len(expected) or any(
+            e is not None and s is not None and e != s for s, e in zip(shape, expected)
+        ):
+            raise ValueError(
+                f"GloroNet '{self.name}' expects inputs of shape (batch,) + "
+                f"{expected}, got {tuple(x.shape)}."
+            )
+        dtype = tf.as_dtype(x.dtype) if not isinstance(x.dtype, str) else tf.as_dtype(x.dtype)
+        if not (dtype.is_floating or dtype.is_integer):
+            raise TypeError(f"GloroNet '{self.name}' expects numeric inputs, got dtype {dtype.name}.")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes + 1)
+
+    # -------------------------------------------------------- Lipschitz
+
+    @property
+    def lipschitz_frozen(self):
+        """True while inference uses guaranteed bounds for the current weights."""
+        return bool(self._frozen.numpy() > 0.5)
+
+    def refresh_lipschitz(self):
+        """Runs every layer's power iteration to convergence.
+
+        Returns:
+            float, the converged *estimate* of the Lipschitz constant of the
+            penultimate layer (a lower bound of the layers' product; not used
+            to certify).
+        """
+        estimate = self._static_bound
+        for layer in self._spectral:
+            estimate *= layer.converge()
+        return estimate
+
+    def freeze_lipschitz(self):
+        """Converges the estimates, then stores guaranteed margin constants.
+
+        Inference then certifies with bounds proven to be at least the true
+        operator norms (see `gloro.lipschitz`), and runs no power iteration.
+
+        Returns:
+            numpy `(m, m)`, the frozen `K[j, i]`.
+        """
+        self.refresh_lipschitz()
+        bound = self._static_bound
+        for layer in self._spectral:
+            bound *= layer.guaranteed_bound()
+        bound *= lipschitz.SAFETY_FACTOR
+        kernel = self._head.kernel.numpy()
+        exact = bound * lipschitz.pairwise_column_distances(kernel)
+        stored = exact.astype(np.float32)
+        stored = np.where(stored < exact, np.nextafter(stored, np.float32(np.inf)), stored)
+        self._margin_lipschitz.assign(stored)
+        self._frozen.assign(1.0)
+        return stored
+
+    def _ensure_frozen(self):
+        if not self.lipschitz_frozen:
+            self.freeze_lipschitz()
+
+    def lipschitz_constant(self):
+        """Margin Lipschitz constants used to certify.
+
+        Returns:
+            numpy `(m, m)`: entry `[i, j]` bounds the Lipschitz constant of
+            `f_i - f_j` (zero diagonal). Freezes first if needed.
+        """
+        self._ensure_frozen()
+        return self._margin_lipschitz.numpy()
+
+    def lipschitz_report(self):
+        """Per-layer cost of the guarantee.
+
+        Returns:
+            list of dicts with `layer`, `estimate` (converged power
+            iteration), `bound` (guaranteed, used to certify) and `ratio`
+            (`bound / estimate`); static layers have equal estimate and bound.
+        """
+        self._ensure_frozen()
+        rows = []
+        for layer in self._hidden:
+            if layer in self._spectral:
+                estimate = float(layer.lipschitz_estimate.numpy()) * lipschitz.activation_bound(layer)
+                bound = float(layer.lipschitz_bound.numpy()) * lipschitz.activation_bound(layer)
+            else:
+                estimate = bound = lipschitz.static_bound(layer)
+            ratio = bound / estimate if estimate > 0 else float("inf")
+            rows.append({"layer": layer.name, "estimate": estimate, "bound": bound, "ratio": ratio})
+        return rows
+
+    def certified_radius(self, x, batch_size=256):
+        """Largest L2 radius at which each prediction is certified.
+
+        Args:
+            x: inputs `(n,) + input_shape`.
+            batch_size: batch size of the forward pass.
+
+        Returns:
+            numpy `(n,)`: `min_{i != j} (f_j - f_i) / K[j, i]`; 0 for ties and
+            NaN/inf.
+        """
+        logits = self._predict_logits(x, batch_size)
+        return certificates.certified_radius(logits, self.lipschitz_constant())
+
+    def _predict_logits(self, x, batch_size):
+        x = np.asarray(x)
+        self._check_input(x)
+        if len(x) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        return self.f.predict(x, batch_size=batch_size, verbose=0)
+
+    # ----------------------------------------- Keras API with soundness
+
+    def compile(self, optimizer="adam", loss="sparse_crossentropy", metrics=None, **kwargs):
+        """`keras.Model.compile`, also taking gloro's shorthands.
+
+        Args:
+            optimizer: as for Keras.
+            loss: a `gloro.losses` shorthand (`"crossentropy"`,
+                `"sparse_crossentropy"`, `"trades_kl.<lambda>"`, ...) or a
+                loss object.
+            metrics: list of `"clean_acc"`, `"vra"`, `"rejection_rate"` or
+                Keras metrics.
+            **kwargs: passed to `keras.Model.compile`.
+        """
+        if metrics is not None:
+            metrics = [gloro_metrics.get(m) for m in metrics]
+        super().compile(optimizer=optimizer, loss=losses.get(loss), metrics=metrics, **kwargs)
+
+    def train_step(self, data):
+        """One optimisation step; also reports the training-time Lipschitz
+        estimate and epsilon in the logs (progress bar, History,
+        TensorBoard)."""
+        logs = super().train_step(data)
+        return {**logs, **self._lipschitz_logs(self._estimate_tensor())}
+
+    def test_step(self, data):
+        """One evaluation step with the frozen certificates; also reports
+        the certified margin constant and epsilon."""
+        logs = super().test_step(data)
+        return {**logs, **self._lipschitz_logs(tf.reduce_max(self._margin_lipschitz))}
+
+    def _estimate_tensor(self):
+        estimate = tf.constant(self._static_bound, tf.float32)
+        for layer in self._spectral:
+            estimate *= layer.lipschitz_estimate * lipschitz.activation_bound(layer)
+        head = tf.cast(tf.convert_to_tensor(self._head.kernel), tf.float32)
+        return estimate * tf.reduce_max(lipschitz.pairwise_column_distances_tf(head))
+
+    def _lipschitz_logs(self, value):
+        return {"lipschitz": value, "epsilon": tf.convert_to_tensor(self._epsilon)}
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`; adds `gloro.callbacks.LipschitzRefresh` unless
+        one is given, so constants are guaranteed before each validation pass
+        and frozen when `fit` returns."""
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, LipschitzRefresh) for c in callbacks):
+            callbacks.append(LipschitzRefresh())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate` with guaranteed constants."""
+        self._ensure_frozen()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict` with guaranteed constants: `(n, m + 1)`."""
+        self._ensure_frozen()
+        if hasattr(x, "__len__") and hasattr(x, "shape") and len(x) == 0:
+            self._check_input(x)
+            return np.zeros((0, self.num_classes + 1), np.float32)
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._ensure_frozen()
+        return super().predict_on_batch(x)
+
+    def test_on_batch(self, *args, **kwargs):
+        self._ensure_frozen()
+        return super().test_on_batch(*args, **kwargs)
+
+    def save(self, *args, **kwargs):
+        """`keras.Model.save` with the constants frozen first."""
+        self._ensure_frozen()
+        return super().save(*args, **kwargs)
+
+    def export(self, filepath, *args, **kwargs):
+        """`keras.Model.export` (TensorFlow SavedModel by default) with the
+        constants frozen first; the `serve` endpoint returns the `m + 1`
+        logits and needs no gloro to load."""
+        self._ensure_frozen()
+        return super().export(filepath, *args, **kwargs)
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        self._frozen.assign(0.0)
+
+    def load_weights(self, *args, **kwargs):
+        result = super().load_weights(*args, **kwargs)
+        if not self.lipschitz_frozen:
+            self.freeze_lipschitz()
+        return result
+
+    # ------------------------------------------------------- serialization
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "model": keras.saving.serialize_keras_object(self.f),
+            "epsilon": self.epsilon,
+            "power_iterations": self.power_iterations,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gloro",
+    version="0.1.0",
+    description="Certified-robust neural networks (GloRo Nets) for Keras 3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gloro", "gloro.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.3",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9",
+        "typer>=0.12",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)
