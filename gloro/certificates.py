@@ -57,7 +57,10 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
         & finite
         & certify
     )
-    rejected_bottom = tf.maximum(bottom, tf.math.nextafter(top, np.inf))
+    # Not nextafter: CPUs flushing denormals to zero would turn the nudge
+    # above 0 back into a tie, which argmax resolves in favour of the class.
+    nudge = tf.maximum(tf.abs(top) * 2.0**-22, np.finfo(np.float32).tiny)
+    rejected_bottom = tf.maximum(bottom, top + nudge)
     bottom = tf.where(certified, bottom, rejected_bottom)
     bottom = tf.where(finite, bottom, np.inf)
     logits = tf.where(finite[:, None], logits, -np.inf)
@@ -84,9 +87,10 @@ def certified_radius(logits, margin_lipschitz):
         return np.zeros((0,))
     top_index = np.argmax(logits, axis=1)
     top = logits[np.arange(len(logits)), top_index]
-    gaps = top[:, None] - logits - 2 * MARGIN_SLACK * (np.abs(top)[:, None] + np.abs(logits))
     k_rows = k[top_index]
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Rows with inf/NaN give invalid arithmetic here; they are zeroed below.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        gaps = top[:, None] - logits - 2 * MARGIN_SLACK * (np.abs(top)[:, None] + np.abs(logits))
         radii = np.where(k_rows > 0, gaps / k_rows, np.where(gaps > 0, np.inf, 0.0))
     radii[np.arange(len(logits)), top_index] = np.inf
     radius = np.maximum(np.min(radii, axis=1), 0.0)
@@ -126,7 +130,9 @@ def sparse_labels(y_true, num_classes):
     """
     y_true = tf.convert_to_tensor(y_true)
     shape = y_true.shape
-    if shape.rank == 1 or (shape.rank == 2 and shape[1] == 1 and num_classes != 1):
+    # Keras' loss wrapper squeezes an (n, 1) label tensor with a dynamic
+    # shape, which loses the rank: such labels are sparse.
+    if shape.rank is None or shape.rank == 1 or (shape.rank == 2 and shape[1] == 1):
         return tf.cast(tf.reshape(y_true, (-1,)), tf.int32)
     if shape.rank == 2 and shape[1] == num_classes:
         return tf.argmax(y_true, axis=1, output_type=tf.int32)

@@ -76,6 +76,14 @@ class SpectralNormCache:
             name="lipschitz_bound",
         )
 
+    # Keras' Dense and Conv2D save only their kernel and bias; the caches are
+    # part of the certificate state, so every variable is saved, in order.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
+
     def _kernel_tensor(self):
         return tf.cast(tf.convert_to_tensor(self.kernel), tf.float32)
 

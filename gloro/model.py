@@ -367,6 +367,11 @@ class GloroNet(keras.Model):
             metrics = [gloro_metrics.get(m) for m in metrics]
         super().compile(optimizer=optimizer, loss=losses.get(loss), metrics=metrics, **kwargs)
 
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (Keras skips this for custom `compile`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
+
     def train_step(self, data):
         """One optimisation step; also reports the training-time Lipschitz
         estimate and epsilon in the logs (progress bar, History,
@@ -390,25 +395,33 @@ class GloroNet(keras.Model):
     def _lipschitz_logs(self, value):
         return {"lipschitz": value, "epsilon": tf.convert_to_tensor(self._epsilon)}
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def _check_array(self, x):
+        # Keras relaxes traced input shapes, so an array of the wrong shape
+        # could reach the graph and fail deep inside it: check it here.
+        if hasattr(x, "shape") and not isinstance(x, tf.data.Dataset):
+            self._check_input(x)
+
+    def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`; adds `gloro.callbacks.LipschitzRefresh` unless
         one is given, so constants are guaranteed before each validation pass
         and frozen when `fit` returns."""
+        self._check_array(x)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LipschitzRefresh) for c in callbacks):
             callbacks.append(LipschitzRefresh())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate` with guaranteed constants."""
+        self._check_array(x)
         self._ensure_frozen()
-        return super().evaluate(*args, **kwargs)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict` with guaranteed constants: `(n, m + 1)`."""
+        self._check_array(x)
         self._ensure_frozen()
-        if hasattr(x, "__len__") and hasattr(x, "shape") and len(x) == 0:
-            self._check_input(x)
+        if hasattr(x, "shape") and not isinstance(x, tf.data.Dataset) and len(x) == 0:
             return np.zeros((0, self.num_classes + 1), np.float32)
         return super().predict(x, *args, **kwargs)
 

@@ -1,0 +1,300 @@
+"""Trains a GloRo Net and writes the model, its certified results and logs.
+
+Example:
+
+    python scripts/train.py --dataset fashion_mnist --architecture cnn_2C2F \\
+        --epsilon 0.3 --epochs 100 --data-dir /usr/share/datasets/fashion-mnist
+
+Training uses `--epsilon` times `--epsilon-schedule` (by default a
+logarithmic ramp from 1% to 110% of epsilon over the first half of training,
+then held), the learning rate `--lr` times `--lr-schedule` (by default held
+for the first half of training, then a half-cosine decay to 1% of `--lr`),
+and for TRADES losses the loss's lambda times `--trades-schedule`. Schedules
+use the syntax of `gloro.schedules`. The final model certifies at exactly
+`--epsilon`.
+
+Files written into `--out` (default `runs/<dataset>_<architecture>`):
+
+- `model.keras`: the GloroNet (load with `keras.saving.load_model` after
+  `import gloro`).
+- `saved_model/`: TensorFlow SavedModel; `tf.saved_model.load(path).serve(x)`
+  returns the `m + 1` logits (the last is ⊥) without gloro.
+- `results.json`: train and test clean accuracy, VRA and rejection rate of
+  the final model at `--epsilon`, its Lipschitz constant, seconds per epoch,
+  peak memory, the configuration and library versions.
+- `history.csv`: per-epoch training logs (loss, metrics, `lipschitz`,
+  `epsilon`, `epoch_seconds`).
+- `logs/`: TensorBoard logs.
+
+Interrupted runs resume: running the same command again continues from the
+last finished epoch, with schedules, optimizer state and power-iteration
+caches restored from `out/backup/`, which is deleted once every file above is
+written. Without a backup the run starts from scratch and replaces earlier
+results in `--out`.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+# Lets `python scripts/train.py` run from a checkout without installing gloro.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import gloro  # noqa: E402
+from gloro import architectures, callbacks, data, losses, schedules  # noqa: E402
+
+Architecture = Literal[tuple(sorted(architectures.ARCHITECTURES))]
+Activation = Literal[tuple(sorted(architectures.ACTIVATIONS))]
+Augmentation = Literal[data.AUGMENTATIONS]
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` to the epoch logs, so that history.csv, which
+    survives a resume, holds the duration of every epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class _HistoryLogger(keras.callbacks.CSVLogger):
+    """A `CSVLogger` that appends across resumed runs, each epoch once.
+
+    A run killed after logging an epoch but before backing it up redoes that
+    epoch when resumed, so the rows from the first epoch of a run on are
+    dropped (all of them when a run starts from scratch).
+    """
+
+    def __init__(self, filename):
+        super().__init__(filename, append=True)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._first_epoch = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch:
+            return
+        self._first_epoch = False
+        path = Path(self.filename)
+        lines = path.read_text().splitlines(keepends=True)
+        rows = [line for line in lines[1:] if int(line.split(",", 1)[0]) < epoch]
+        # The file stays open for appending, so rewrite it in place.
+        path.write_text("".join(lines[:1] + rows) if rows else "")
+        self.append_header = not rows
+
+
+def _fail(flag, message):
+    raise typer.BadParameter(message, param_hint=f"'{flag}'")
+
+
+def _schedule(flag, spec):
+    try:
+        return schedules.parse(spec)
+    except ValueError as err:
+        _fail(flag, str(err))
+
+
+def _optimizer(spec, lr):
+    name, _, momentum = spec.partition(".")
+    if spec == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    if name == "sgd":
+        try:
+            value = float(momentum or 0.0)
+        except ValueError:
+            value = -1.0
+        if 0.0 <= value < 1.0:
+            return keras.optimizers.SGD(learning_rate=lr, momentum=value)
+    _fail("--optimizer", f"expected 'adam', 'sgd' or 'sgd.<momentum>' with momentum in [0, 1), got {spec!r}.")
+
+
+def _load(dataset, split, data_dir):
+    try:
+        return data.load(dataset, split, data_dir=data_dir)
+    except (FileNotFoundError, ValueError) as err:
+        _fail("--dataset", str(err).splitlines()[0])
+
+
+def _peak_memory_mb():
+    # ru_maxrss is in KiB on Linux (bytes on macOS; this reports Linux).
+    memory = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if tf.config.list_physical_devices("GPU"):
+        memory["gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return memory
+
+
+def _versions():
+    return {
+        "gloro": gloro.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _tensorboard(logdir):
+    # TensorFlow no longer depends on TensorBoard, and its summaries fail
+    # without it: train without logs rather than not at all.
+    if importlib.util.find_spec("tensorboard") is None:
+        print(f"TensorBoard is not installed (pip install tensorboard); no logs in {logdir}.", file=sys.stderr)
+        return []
+    return [keras.callbacks.TensorBoard(str(logdir), write_graph=False)]
+
+
+def _write_json(path, value):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(
+    dataset: Annotated[str, typer.Option(help="Dataset name for gloro.data.load.")] = "fashion_mnist",
+    architecture: Annotated[Architecture, typer.Option(help="Network from gloro.architectures.")] = "cnn_2C2F",
+    activation: Annotated[Activation, typer.Option(help="Activation between layers.")] = "minmax",
+    epsilon: Annotated[float, typer.Option(help="Certified L2 radius of the final model.")] = 0.3,
+    epsilon_schedule: Annotated[
+        str, typer.Option(help="Training epsilon as multiples of --epsilon.")
+    ] = "[0.01]-log-[50%:1.1]",
+    loss: Annotated[
+        str, typer.Option(help="gloro loss: crossentropy, trades_kl.<lambda>, trades_ce.<lambda>.")
+    ] = "crossentropy",
+    trades_schedule: Annotated[
+        str, typer.Option(help="TRADES lambda as multiples of the loss's lambda.")
+    ] = "fixed",
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
+    optimizer: Annotated[str, typer.Option(help="adam, sgd or sgd.<momentum>.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Base learning rate.")] = 1e-3,
+    lr_schedule: Annotated[
+        str, typer.Option(help="Learning rate as multiples of --lr.")
+    ] = "[1.]-[50%:1.]-cos-[0.01]",
+    augmentation: Annotated[Augmentation, typer.Option(help="Training augmentation.")] = "none",
+    data_dir: Annotated[
+        Optional[str],
+        typer.Option(help="Folder with the dataset; else $GLORO_DATA_DIR, else tensorflow-datasets."),
+    ] = None,
+    out: Annotated[
+        Optional[str],
+        typer.Option(help="Output folder.", show_default="runs/<dataset>_<architecture>"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
+    power_iterations: Annotated[int, typer.Option(min=1, help="Power-iteration steps per layer per step.")] = 1,
+    verbose: Annotated[int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")] = 1,
+):
+    """Trains a GloRo Net; see the module docstring for the files written."""
+    config = dict(locals())
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        _fail("--epsilon", f"must be a finite number >= 0, got {epsilon}.")
+    if not (math.isfinite(lr) and lr > 0):
+        _fail("--lr", f"must be a finite number > 0, got {lr}.")
+    epsilon_multipliers = _schedule("--epsilon-schedule", epsilon_schedule)
+    lr_multipliers = _schedule("--lr-schedule", lr_schedule)
+    trades_multipliers = _schedule("--trades-schedule", trades_schedule)
+    try:
+        loss_fn = losses.get(loss)
+    except ValueError as err:
+        _fail("--loss", str(err))
+    if not type(loss_fn).__module__.startswith("gloro."):
+        _fail("--loss", f"expected a gloro loss such as 'crossentropy' or 'trades_kl.1.5', got {loss!r}.")
+    trades = isinstance(loss_fn, losses.Trades)
+    if not trades and trades_schedule != "fixed":
+        _fail("--trades-schedule", f"needs a TRADES loss such as 'trades_kl.1.5', but --loss is {loss!r}.")
+    opt = _optimizer(optimizer, lr)
+    out = Path(out or f"runs/{dataset}_{architecture}")
+    config["out"] = str(out)
+
+    train_ds, info = _load(dataset, "train", data_dir)
+    test_ds, _ = _load(dataset, "test", data_dir)
+
+    keras.utils.set_random_seed(seed)
+    f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
+    g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
+    g.compile(optimizer=opt, loss=loss_fn, metrics=["clean_acc", "vra", "rejection_rate"])
+
+    backup = out / "backup"
+    if backup.exists():
+        print(f"Resuming from {backup}")
+    else:
+        shutil.rmtree(out / "logs", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # Schedules get explicit base values: a restored model holds the
+    # scheduled values, not the bases.
+    schedule_callbacks = [
+        callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon),
+        callbacks.LearningRateScheduler(lr_multipliers, learning_rate=lr),
+    ]
+    if trades:
+        schedule_callbacks.append(callbacks.TradesScheduler(trades_multipliers, lam=float(loss_fn.lam.numpy())))
+    g.fit(
+        data.pipeline(train_ds, batch_size, training=True, augmentation=augmentation, seed=seed),
+        epochs=epochs,
+        verbose=verbose,
+        callbacks=[
+            _EpochTimer(),
+            *schedule_callbacks,
+            # Logging before backing up: an epoch logged but not backed up
+            # is redone and its row replaced; the reverse would lose the row.
+            _HistoryLogger(str(out / "history.csv")),
+            # The backup outlives fit (delete_checkpoint=False) so that a run
+            # killed while saving resumes here instead of starting over.
+            keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
+            *_tensorboard(out / "logs"),
+        ],
+    )
+
+    g.epsilon = epsilon
+    evaluations = {}
+    for split, ds in (("train", train_ds), ("test", test_ds)):
+        logs = g.evaluate(data.pipeline(ds, batch_size, training=False), verbose=0, return_dict=True)
+        evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
+    g.save(out / "model.keras")
+    g.export(str(out / "saved_model"), verbose=False)
+
+    with open(out / "history.csv", newline="") as file:
+        epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(file)]
+    results = {
+        "dataset": dataset,
+        "architecture": architecture,
+        "epsilon": epsilon,
+        **evaluations,
+        "lipschitz_constant": float(np.max(g.lipschitz_constant())),
+        "seconds_per_epoch": float(np.mean(epoch_seconds)),
+        "epoch_seconds": epoch_seconds,
+        "peak_memory": _peak_memory_mb(),
+        "config": config,
+        "versions": _versions(),
+    }
+    _write_json(out / "results.json", results)
+    shutil.rmtree(backup)
+    print(
+        f"test: clean accuracy {evaluations['test']['clean_acc']:.4f}, VRA {evaluations['test']['vra']:.4f} "
+        f"at epsilon {epsilon}, rejection rate {evaluations['test']['rejection_rate']:.4f}; "
+        f"{results['seconds_per_epoch']:.1f} s per epoch; results in {out}"
+    )
+    return results
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.command()(train)
+
+if __name__ == "__main__":
+    app()
