@@ -18,11 +18,14 @@ g = gloro.GloroNet(x, y, epsilon=0.3)
 
 from gloro import callbacks, certificates, layers, lipschitz, losses, metrics, schedules
 from gloro.model import GloroNet
+from gloro.saving import load_model, load_saved_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GloroNet",
+    "load_model",
+    "load_saved_model",
     "callbacks",
     "certificates",
     "layers",

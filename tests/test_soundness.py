@@ -1,0 +1,214 @@
+"""Attempts to break certificates: attacks, hostile inputs, broken files."""
+
+import os
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import gloro
+from gloro import attacks, layers
+
+
+def conv_net(strides, padding, pooling):
+    x = keras.Input((10, 10, 1))
+    z = layers.Conv2D(8, 3, strides=strides, padding=padding)(x)
+    z = layers.MinMax()(z)
+    if pooling == "max":
+        z = layers.MaxPooling2D(2, strides=1)(z)
+    elif pooling == "average":
+        z = layers.AveragePooling2D(2)(z)
+    z = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(z)
+    z = layers.Flatten()(z)
+    z = layers.Dense(16)(z)
+    z = layers.MinMax()(z)
+    return x, layers.Dense(3)(z)
+
+
+def dense_net():
+    x = keras.Input((10, 10, 1))
+    z = layers.Flatten()(x)
+    z = layers.Dense(32)(z)
+    z = layers.MinMax()(z)
+    z = layers.Dense(32, activation="relu")(z)
+    return x, layers.Dense(3)(z)
+
+
+def stripes(rng, n):
+    """Three classes: horizontal, vertical or no stripe, with noise."""
+    labels = rng.integers(0, 3, n)
+    x = rng.normal(scale=0.3, size=(n, 10, 10, 1)).astype("float32")
+    rows = rng.integers(2, 8, n)
+    for i in range(n):
+        if labels[i] == 0:
+            x[i, rows[i], :, 0] += 1.0
+        elif labels[i] == 1:
+            x[i, :, rows[i], 0] += 1.0
+    return x, labels
+
+
+def train(build, epsilon=0.3, epochs=6, seed=0):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x, y = stripes(rng, 768)
+    g = gloro.GloroNet(*build(), epsilon=epsilon)
+    g.compile(optimizer=keras.optimizers.Adam(3e-3), loss="crossentropy", metrics=["vra"])
+    g.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return g, x, y
+
+
+NETWORKS = {
+    "dense": dense_net,
+    "conv-s1-same-maxpool": lambda: conv_net(1, "same", "max"),
+    "conv-s2-valid": lambda: conv_net(2, "valid", None),
+    "conv-s1-valid-avgpool": lambda: conv_net(1, "valid", "average"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_no_certified_point_is_broken(name):
+    g, x, y = train(NETWORKS[name])
+    out = g.predict(x, verbose=0)
+    certified = np.where(np.argmax(out, axis=1) < 3)[0][:150]
+    assert len(certified) >= 20, "too few certified points for a meaningful audit"
+    result = attacks.pgd_l2(g.f, x[certified], g.epsilon, steps=60, restarts=3)
+    assert not result.success.any()
+    # The attack is real: it eats into the margins it cannot break ...
+    assert np.median(result.relative_reduction()) > 0.05
+    # ... and a few times further out it breaks the closest points (the
+    # bounds of overlapping max pooling are loose, hence the wide margin).
+    radius = g.certified_radius(x[certified])
+    closest = certified[np.argsort(radius)[:20]]
+    stronger = attacks.pgd_l2(g.f, x[closest], 12 * g.epsilon, steps=60, restarts=3)
+    assert stronger.success.any()
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_empirical_lipschitz_never_exceeds_certified(name):
+    g, x, _ = train(NETWORKS[name], epochs=2)
+    empirical = attacks.empirical_margin_lipschitz(g.f, x[:64], steps=30)
+    certified = g.lipschitz_constant()
+    assert np.all(empirical <= certified * (1 + 1e-6))
+    assert empirical.max() > 0.05 * certified.max()
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_bounds_stay_float32_and_sound(policy):
+    keras.config.set_dtype_policy(policy)
+    g, x, _ = train(lambda: conv_net(2, "same", None), epochs=3)
+    assert g.predict(x[:4], verbose=0).dtype == np.float32
+    for layer in g.f.layers:
+        if isinstance(layer, gloro.layers.SpectralNormCache):
+            assert layer.lipschitz_bound.dtype == "float32"
+    empirical = attacks.empirical_margin_lipschitz(g.f, x[:64], steps=20)
+    assert np.all(empirical <= g.lipschitz_constant() * 1.01)
+    out = g.predict(x, verbose=0)
+    certified = np.where(np.argmax(out, axis=1) < 3)[0][:100]
+    if len(certified):
+        # Float16 logits carry rounding noise (about 1e-3 relative): the
+        # attack must not break a certificate by more than that.
+        result = attacks.pgd_l2(g.f, x[certified], g.epsilon, steps=40, restarts=2)
+        logits = g.f.predict(x[certified], verbose=0).astype(np.float64)
+        noise = 4e-3 * np.abs(logits).max(axis=1)
+        assert np.all(result.margin > -noise)
+
+
+def test_bounds_hold_with_unconverged_power_iteration(rng):
+    # One training step moves the weights; the frozen bound is computed from
+    # scratch, never from the stale power-iteration vector.
+    g, x, y = train(NETWORKS["conv-s2-valid"], epochs=1)
+    for layer in g.f.layers:
+        if isinstance(layer, gloro.layers.SpectralNormCache):
+            layer.power_vector.assign(rng.normal(size=layer.power_vector.shape))
+            layer.kernel.assign(layer.kernel * 3.0)
+    g.set_weights(g.get_weights())
+    assert not g.lipschitz_frozen
+    k = g.lipschitz_constant()
+    empirical = attacks.empirical_margin_lipschitz(g.f, x[:32], steps=20)
+    assert np.all(empirical <= k)
+
+
+def test_huge_and_zero_epsilon():
+    g, x, y = train(dense_net, epochs=2)
+    g.epsilon = 1e30
+    assert np.all(np.argmax(g.predict(x, verbose=0), axis=1) == 3)
+    g.epsilon = 0.0
+    out = g.predict(x, verbose=0)
+    clean = np.argmax(out[:, :3], axis=1)
+    # At radius 0 every untied prediction is certified.
+    np.testing.assert_array_equal(np.argmax(out, axis=1), clean)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    g, x, _ = train(dense_net, epochs=1)
+    path = tmp_path_factory.mktemp("saved") / "m.keras"
+    g.save(path)
+    return g, x, path
+
+
+def test_load_model_round_trip(saved):
+    g, x, path = saved
+    loaded = gloro.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), g.predict(x, verbose=0))
+
+
+def test_truncated_file(saved, tmp_path):
+    _, _, path = saved
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(ValueError, match="not a readable .keras"):
+        gloro.load_model(broken)
+
+
+def test_corrupted_weights(saved, tmp_path):
+    _, _, path = saved
+    broken = tmp_path / "garbled.keras"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".h5"):
+                data = data[:100] + bytes(len(data) - 100)
+            dst.writestr(item, data)
+    with pytest.raises(ValueError, match="Cannot load"):
+        gloro.load_model(broken)
+
+
+def test_tampered_constants_are_refused(saved, tmp_path):
+    g, _, path = saved
+    loaded = gloro.load_model(path)
+    loaded._margin_lipschitz.assign(loaded._margin_lipschitz * 0.5)
+    loaded._frozen.assign(1.0)
+    keras.Model.save(loaded, tmp_path / "tampered.keras")
+    with pytest.raises(ValueError, match="below what its weights"):
+        gloro.load_model(tmp_path / "tampered.keras")
+
+
+def test_unrelated_model_file(tmp_path):
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain.save(tmp_path / "plain.keras")
+    with pytest.raises(ValueError, match="not a GloroNet"):
+        gloro.load_model(tmp_path / "plain.keras")
+    with pytest.raises(FileNotFoundError):
+        gloro.load_model(tmp_path / "missing.keras")
+
+
+def test_broken_saved_model(saved, tmp_path):
+    g, _, _ = saved
+    g.export(tmp_path / "served", verbose=False)
+    assert gloro.load_saved_model(tmp_path / "served").serve is not None
+    (tmp_path / "served" / "saved_model.pb").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="Cannot load the SavedModel"):
+        gloro.load_saved_model(tmp_path / "served")
+    with pytest.raises(FileNotFoundError):
+        gloro.load_saved_model(tmp_path / "nowhere")
+
+
+def test_loading_never_runs_code(tmp_path):
+    x = keras.Input((3,))
+    y = keras.layers.Lambda(lambda t: t * 2)(x)
+    model = keras.Model(x, keras.layers.Dense(2)(y))
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
+        gloro.load_model(tmp_path / "lambda.keras")
