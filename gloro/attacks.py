@@ -5,9 +5,9 @@ every other class `i`, `f_j(x) - f_i(x) > epsilon * K_ji`, with `K_ji` an upper
 bound on the L2 Lipschitz constant of the margin `f_j - f_i`. Two things here
 put such claims to an empirical test:
 
-* `pgd_l2`, a strong L2 projected-gradient attack (random restarts, optional
-  targeted runs) that looks for a point within distance `epsilon` of `x` where
-  the logits model predicts another class.
+* `pgd_l2`, a strong L2 projected-gradient attack (random restarts that also
+  cycle through targeted losses) that looks for a point within distance
+  `epsilon` of `x` where the logits model predicts another class.
 * `empirical_margin_lipschitz`, which finds pairs of points (and local
   gradients) that witness how steep each margin `f_i - f_j` really is: a
   *lower* bound on its Lipschitz constant.
@@ -31,6 +31,7 @@ backend.
 import dataclasses
 import math
 import numbers
+import weakref
 
 import keras
 import numpy as np
@@ -64,10 +65,25 @@ _MIN_SEPARATION = 0.1
 _ASCENT_STEP = 2.0
 
 # A ratio |g(a) - g(b)| / ||a - b|| is only trusted when the pair is at least
-# this far apart relative to its size: float32 rounding of g is relative to
-# the magnitude of the inputs, and dividing it by a tiny separation could
-# report a slope that does not exist.
-_RATIO_TRUST = 1e-2
+# this many units of roundoff (of the dtype the model computes its logits in)
+# apart, relative to its size: rounding of g is relative to the magnitude of
+# the inputs, and dividing it by a small separation could report a slope that
+# does not exist. For float32 that is a separation of 1.2% of ||a||; for
+# float16 and bfloat16 no pair qualifies, and only gradient norms count.
+_RATIO_TRUST_ROUNDOFFS = 1e5
+_ROUNDOFF = {
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+    "float32": 2.0**-23,
+    "float64": 2.0**-52,
+}
+
+
+# Compiled runs per model, so that repeated calls (a sweep over epsilon, a
+# loop over chunks of a data set) trace once. Models are held weakly, and the
+# runs reach them only through weak references, so the cache never keeps a
+# model alive.
+_COMPILED = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass
@@ -197,8 +213,22 @@ def _uniform_ball(rng, shape, radius):
     return (_sphere(rng, shape, 1.0) * r).astype(np.float32)
 
 
-def _make_pgd_run(f, steps, clip, input_spec, num_classes):
+def _compiled(f, key, build):
+    """The run `build(call, *key)` for model `f`, from the cache if possible."""
+    try:
+        runs = _COMPILED.setdefault(f, {})
+    except TypeError:
+        # Not weakly referenceable (or not hashable): compile for this call.
+        return build(f, *key)
+    if key not in runs:
+        ref = weakref.ref(f)
+        runs[key] = build(lambda batch: ref()(batch), *key)
+    return runs[key]
+
+
+def _make_pgd_run(f, steps, clip, input_shape, num_classes):
     """Builds one compiled PGD run over a batch; see `pgd_l2`."""
+    input_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
 
     def evaluate(x, delta, label_mask, attack_mask):
         x_now = x + delta
@@ -343,7 +373,9 @@ def pgd_l2(
     x = _as_batch(x)
     if clip is not None:
         if len(clip) != 2 or not clip[0] <= clip[1]:
-            raise ValueError(f"clip must be a pair (lo, hi) with lo <= hi, got {clip!r}.")
+            raise ValueError(
+                f"clip must be a pair (lo, hi) with lo <= hi, got {clip!r}."
+            )
         clip = (float(clip[0]), float(clip[1]))
         if np.any(x < clip[0]) or np.any(x > clip[1]):
             raise ValueError(f"x lies outside the clip box {clip}.")
@@ -373,13 +405,7 @@ def pgd_l2(
         np.eye(num_classes, dtype=bool)[ranked[:, k]] for k in range(num_classes - 1)
     ]
 
-    run = _make_pgd_run(
-        f,
-        steps,
-        clip,
-        tf.TensorSpec((None,) + x.shape[1:], tf.float32),
-        num_classes,
-    )
+    run = _compiled(f, (steps, clip, x.shape[1:], num_classes), _make_pgd_run)
     rng = np.random.default_rng(seed)
     best_x = x.copy()
     best_margin = clean_margin.copy()
@@ -420,15 +446,17 @@ def pgd_l2(
     )
 
 
-def _make_lipschitz_run(f, steps, input_spec):
+def _make_lipschitz_run(f, steps, input_shape):
     """Builds one compiled witness-pair ascent over a batch of (point, pair)."""
+    input_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
 
     def evaluate(a, b, ci, cj):
         n = tf.shape(a)[0]
         with tf.GradientTape() as tape:
             ab = tf.concat([a, b], axis=0)
             tape.watch(ab)
-            logits = tf.cast(f(ab), tf.float32)
+            raw = f(ab)
+            logits = tf.cast(raw, tf.float32)
             rows = tf.range(2 * n)
             g = tf.gather_nd(logits, tf.stack([rows, tf.concat([ci, ci], 0)], 1))
             g -= tf.gather_nd(logits, tf.stack([rows, tf.concat([cj, cj], 0)], 1))
@@ -442,7 +470,8 @@ def _make_lipschitz_run(f, steps, input_spec):
         sep = _flat_norms(diff)
         ratio = tf.abs(gap) / sep
         size = tf.maximum(_flat_norms(a), _flat_norms(b))
-        trusted = tf.where(sep >= _RATIO_TRUST * size, ratio, 0.0)
+        trust = _RATIO_TRUST_ROUNDOFFS * _ROUNDOFF[tf.as_dtype(raw.dtype).name]
+        trusted = tf.where(sep >= trust * size, ratio, 0.0)
         local = tf.maximum(_flat_norms(grad_a), _flat_norms(grad_b))
         found = tf.maximum(trusted, local)
         return found, ratio, gap, grad_a, grad_b, diff, sep
@@ -480,9 +509,7 @@ def _make_lipschitz_run(f, steps, input_spec):
             d_a = sign * grad_a / sep_rows - pull
             d_b = -sign * grad_b / sep_rows + pull
             joint = tf.sqrt(_flat_norms(d_a) ** 2 + _flat_norms(d_b) ** 2)
-            length = tf.math.divide_no_nan(
-                _ASCENT_STEP * tf.minimum(sep, scale), joint
-            )
+            length = tf.math.divide_no_nan(_ASCENT_STEP * tf.minimum(sep, scale), joint)
             length = _broadcast_rows(length, diff)
             a, b = separate(
                 a + length * d_a, b + length * d_b, min_separation, max_separation
@@ -508,7 +535,14 @@ def empirical_margin_lipschitz(
     points and steps is reported.
 
     Compare the result with the `K_ji` a GloRo Net certifies with: an entry
-    above its `K_ji` (beyond float32 rounding) proves that bound wrong.
+    above its `K_ji` (beyond float rounding) proves that bound wrong. Ratios
+    count only where the pair is far enough apart for rounding of the logits
+    not to fake a slope; for float16 or bfloat16 logits that is never, and
+    only gradient norms (good to about 1e-3) count.
+
+    The search runs once per point and pair of classes: its cost grows like
+    `len(x) * m * (m - 1) / 2 * steps` evaluations of `f` and its gradient,
+    on two points each.
 
     Args:
         f: the logits model: a Keras model or a TensorFlow-differentiable
@@ -532,7 +566,8 @@ def empirical_margin_lipschitz(
 
     Raises:
         ValueError: on malformed `x`, counts or `radius` (which must be
-            finite and `> 0`), or if `f` does not return `(n, m)` logits.
+            finite and `> 0`), or if `f` does not return finite `(n, m)`
+            logits.
 
     Example:
 
@@ -563,7 +598,7 @@ def empirical_margin_lipschitz(
     ci = np.tile(pair_i, n).astype(np.int32)
     cj = np.tile(pair_j, n).astype(np.int32)
 
-    run = _make_lipschitz_run(f, steps, tf.TensorSpec((None,) + x.shape[1:], tf.float32))
+    run = _compiled(f, (steps, x.shape[1:]), _make_lipschitz_run)
     rng = np.random.default_rng(seed)
     best = np.zeros(len(point), np.float32)
     progbar = keras.utils.Progbar(len(point), verbose=verbose)
@@ -585,4 +620,3 @@ def empirical_margin_lipschitz(
     lip = np.zeros((num_classes, num_classes), np.float32)
     np.maximum.at(lip, (ci, cj), best)
     return np.maximum(lip, lip.T)
-
