@@ -13,6 +13,8 @@ setup(
         "keras>=3.3",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets downloads need it but do not declare it.
+        "importlib_resources",
         "typer>=0.12",
         "matplotlib>=3.8",
     ],
