@@ -17,6 +17,7 @@ setup(
         "importlib_resources",
         "typer>=0.12",
         "matplotlib>=3.8",
+        "tensorboard>=2.16",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

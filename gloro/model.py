@@ -449,12 +449,6 @@ class GloroNet(keras.Model):
         super().set_weights(weights)
         self._frozen.assign(0.0)
 
-    def load_weights(self, *args, **kwargs):
-        result = super().load_weights(*args, **kwargs)
-        if not self.lipschitz_frozen:
-            self.freeze_lipschitz()
-        return result
-
     # ------------------------------------------------------- serialization
 
     def get_config(self):

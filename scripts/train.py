@@ -34,7 +34,6 @@ results in `--out`.
 """
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -44,16 +43,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
+import keras
+import numpy as np
+import tensorflow as tf
 import typer
 
 # Lets `python scripts/train.py` run from a checkout without installing gloro.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import gloro  # noqa: E402
 from gloro import architectures, callbacks, data, losses, schedules  # noqa: E402
@@ -96,7 +94,8 @@ class _HistoryLogger(keras.callbacks.CSVLogger):
         path = Path(self.filename)
         lines = path.read_text().splitlines(keepends=True)
         rows = [line for line in lines[1:] if int(line.split(",", 1)[0]) < epoch]
-        # The file stays open for appending, so rewrite it in place.
+        # CSVLogger's handle is in append mode: its next row lands at the
+        # end of the rewritten file.
         path.write_text("".join(lines[:1] + rows) if rows else "")
         self.append_header = not rows
 
@@ -113,16 +112,17 @@ def _schedule(flag, spec):
 
 
 def _optimizer(spec, lr):
-    name, _, momentum = spec.partition(".")
     if spec == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
+    name, _, momentum = spec.partition(".")
     if name == "sgd":
         try:
-            value = float(momentum or 0.0)
+            momentum = float(momentum or 0.0)
         except ValueError:
-            value = -1.0
-        if 0.0 <= value < 1.0:
-            return keras.optimizers.SGD(learning_rate=lr, momentum=value)
+            pass
+        else:
+            if 0.0 <= momentum < 1.0:
+                return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
     _fail("--optimizer", f"expected 'adam', 'sgd' or 'sgd.<momentum>' with momentum in [0, 1), got {spec!r}.")
 
 
@@ -134,7 +134,7 @@ def _load(dataset, split, data_dir):
 
 
 def _peak_memory_mb():
-    # ru_maxrss is in KiB on Linux (bytes on macOS; this reports Linux).
+    # ru_maxrss is in KiB on Linux.
     memory = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if tf.config.list_physical_devices("GPU"):
         memory["gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
@@ -151,16 +151,36 @@ def _versions():
     }
 
 
-def _tensorboard(logdir):
-    # TensorFlow no longer depends on TensorBoard, and its summaries fail
-    # without it: train without logs rather than not at all.
-    if importlib.util.find_spec("tensorboard") is None:
-        print(f"TensorBoard is not installed (pip install tensorboard); no logs in {logdir}.", file=sys.stderr)
-        return []
-    return [keras.callbacks.TensorBoard(str(logdir), write_graph=False)]
+def _callbacks(out, epsilon, lr, epsilon_multipliers, lr_multipliers, trades_multipliers, loss_fn):
+    # Schedules get explicit base values: a restored model holds the
+    # scheduled values, not the bases.
+    schedule_callbacks = [
+        callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon),
+        callbacks.LearningRateScheduler(lr_multipliers, learning_rate=lr),
+    ]
+    if isinstance(loss_fn, losses.Trades):
+        schedule_callbacks.append(
+            callbacks.TradesScheduler(trades_multipliers, lam=float(loss_fn.lam.numpy()))
+        )
+    return [
+        _EpochTimer(),
+        *schedule_callbacks,
+        # Logging before backing up: an epoch logged but not backed up is
+        # redone and its row replaced; the other order would lose the row.
+        _HistoryLogger(str(out / "history.csv")),
+        # Backups are per epoch: Keras 3.15 restores a mid-epoch backup's
+        # epoch but not its batch. A second copy survives a kill while
+        # writing one, and the backup outlives fit so that a run killed while
+        # saving its results resumes there instead of starting over.
+        keras.callbacks.BackupAndRestore(
+            str(out / "backup"), double_checkpoint=True, delete_checkpoint=False
+        ),
+        keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False),
+    ]
 
 
 def _write_json(path, value):
+    # Atomic, so that a kill never leaves a truncated results.json.
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(tmp, path)
@@ -168,7 +188,9 @@ def _write_json(path, value):
 
 def train(
     dataset: Annotated[str, typer.Option(help="Dataset name for gloro.data.load.")] = "fashion_mnist",
-    architecture: Annotated[Architecture, typer.Option(help="Network from gloro.architectures.")] = "cnn_2C2F",
+    architecture: Annotated[
+        Architecture, typer.Option(help="Network from gloro.architectures.")
+    ] = "cnn_2C2F",
     activation: Annotated[Activation, typer.Option(help="Activation between layers.")] = "minmax",
     epsilon: Annotated[float, typer.Option(help="Certified L2 radius of the final model.")] = 0.3,
     epsilon_schedule: Annotated[
@@ -189,16 +211,22 @@ def train(
     ] = "[1.]-[50%:1.]-cos-[0.01]",
     augmentation: Annotated[Augmentation, typer.Option(help="Training augmentation.")] = "none",
     data_dir: Annotated[
-        Optional[str],
-        typer.Option(help="Folder with the dataset; else $GLORO_DATA_DIR, else tensorflow-datasets."),
+        str | None,
+        typer.Option(
+            help="Folder with the dataset.", show_default="$GLORO_DATA_DIR, else tensorflow-datasets"
+        ),
     ] = None,
     out: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Output folder.", show_default="runs/<dataset>_<architecture>"),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
-    power_iterations: Annotated[int, typer.Option(min=1, help="Power-iteration steps per layer per step.")] = 1,
-    verbose: Annotated[int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")] = 1,
+    power_iterations: Annotated[
+        int, typer.Option(min=1, help="Power-iteration steps per layer per step.")
+    ] = 1,
+    verbose: Annotated[
+        int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")
+    ] = 1,
 ):
     """Trains a GloRo Net; see the module docstring for the files written."""
     config = dict(locals())
@@ -215,8 +243,7 @@ def train(
         _fail("--loss", str(err))
     if not type(loss_fn).__module__.startswith("gloro."):
         _fail("--loss", f"expected a gloro loss such as 'crossentropy' or 'trades_kl.1.5', got {loss!r}.")
-    trades = isinstance(loss_fn, losses.Trades)
-    if not trades and trades_schedule != "fixed":
+    if not isinstance(loss_fn, losses.Trades) and trades_schedule != "fixed":
         _fail("--trades-schedule", f"needs a TRADES loss such as 'trades_kl.1.5', but --loss is {loss!r}.")
     opt = _optimizer(optimizer, lr)
     out = Path(out or f"runs/{dataset}_{architecture}")
@@ -234,37 +261,24 @@ def train(
     if backup.exists():
         print(f"Resuming from {backup}")
     else:
+        # A new run's TensorBoard curves must not mix with an earlier run's.
         shutil.rmtree(out / "logs", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    # Schedules get explicit base values: a restored model holds the
-    # scheduled values, not the bases.
-    schedule_callbacks = [
-        callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon),
-        callbacks.LearningRateScheduler(lr_multipliers, learning_rate=lr),
-    ]
-    if trades:
-        schedule_callbacks.append(callbacks.TradesScheduler(trades_multipliers, lam=float(loss_fn.lam.numpy())))
     g.fit(
         data.pipeline(train_ds, batch_size, training=True, augmentation=augmentation, seed=seed),
         epochs=epochs,
+        shuffle=False,  # the pipeline shuffles
         verbose=verbose,
-        callbacks=[
-            _EpochTimer(),
-            *schedule_callbacks,
-            # Logging before backing up: an epoch logged but not backed up
-            # is redone and its row replaced; the reverse would lose the row.
-            _HistoryLogger(str(out / "history.csv")),
-            # The backup outlives fit (delete_checkpoint=False) so that a run
-            # killed while saving resumes here instead of starting over.
-            keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
-            *_tensorboard(out / "logs"),
-        ],
+        callbacks=_callbacks(
+            out, epsilon, lr, epsilon_multipliers, lr_multipliers, trades_multipliers, loss_fn
+        ),
     )
 
     g.epsilon = epsilon
     evaluations = {}
     for split, ds in (("train", train_ds), ("test", test_ds)):
-        logs = g.evaluate(data.pipeline(ds, batch_size, training=False), verbose=0, return_dict=True)
+        batches = data.pipeline(ds, batch_size, training=False, cache=False)
+        logs = g.evaluate(batches, verbose=0, return_dict=True)
         evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
     g.save(out / "model.keras")
     g.export(str(out / "saved_model"), verbose=False)

@@ -1,0 +1,362 @@
+"""End-to-end tests of scripts/train.py and scripts/certify.py on a small
+synthetic dataset written as gzipped IDX files (the layout of Debian's
+Fashion-MNIST package)."""
+
+import csv
+import functools
+import gzip
+import importlib.util
+import inspect
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from typer.testing import CliRunner
+
+import gloro
+from gloro import data
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+CERTIFY = ROOT / "scripts" / "certify.py"
+EPSILON = 0.1
+TRAIN_FLAGS = ["--dataset", "synthetic", "--epsilon", str(EPSILON), "--verbose", "2"]
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """10 classes of 28x28 images: a fixed random prototype per class mixed
+    with noise, so that after two epochs some test points are certified,
+    some rejected and some misclassified."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((10, 28, 28))
+    folder = tmp_path_factory.mktemp("data") / "synthetic"
+    folder.mkdir()
+    for prefix, n in (("train", 512), ("t10k", 256)):
+        labels = rng.integers(0, 10, n)
+        images = 255 * (0.2 * prototypes[labels] + 0.8 * rng.random((n, 28, 28)))
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return folder.parent
+
+
+def _command(script, *args):
+    return [sys.executable, str(script), *map(str, args)]
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GLORO_DATA_DIR": ""}
+
+
+def _run(script, *args):
+    result = subprocess.run(
+        _command(script, *args), check=False, capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _history(out):
+    with open(out / "history.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _test_metrics(model_path, data_dir):
+    """Test clean accuracy, VRA and rejection rate of a saved model,
+    computed here from its predictions."""
+    g = keras.saving.load_model(model_path, compile=False)
+    ds, _ = data.load("synthetic", "test", data_dir=data_dir)
+    x, y = (np.stack(a) for a in zip(*ds.as_numpy_iterator()))
+    outputs = g.predict(x, verbose=0)
+    m = outputs.shape[1] - 1
+    prediction = np.argmax(outputs, axis=1)
+    return {
+        "clean_acc": np.mean(np.argmax(outputs[:, :m], axis=1) == y),
+        "vra": np.mean(prediction == y),
+        "rejection_rate": np.mean(prediction == m),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    _run(TRAIN, *TRAIN_FLAGS, "--epochs", 2, "--batch-size", 32, "--data-dir", data_dir, "--out", out)
+    return out
+
+
+def test_train_writes_its_outputs(trained, data_dir):
+    for name in ("model.keras", "saved_model/saved_model.pb", "results.json", "history.csv"):
+        assert (trained / name).exists(), name
+    assert not (trained / "backup").exists()
+    if importlib.util.find_spec("tensorboard"):
+        (events,) = (trained / "logs" / "train").glob("events.out.tfevents.*")
+        tags = {
+            value.tag
+            for event in tf.compat.v1.train.summary_iterator(str(events))
+            for value in event.summary.value
+        }
+        assert {"epoch_lipschitz", "epoch_epsilon", "epoch_vra", "epoch_learning_rate"} <= tags
+
+    results = json.loads((trained / "results.json").read_text())
+    assert results["epsilon"] == EPSILON
+    assert results["config"]["epochs"] == 2 and results["config"]["dataset"] == "synthetic"
+    assert set(results["versions"]) == {"gloro", "tensorflow", "keras", "numpy", "python"}
+    for split in ("train", "test"):
+        assert 0 <= results[split]["vra"] <= results[split]["clean_acc"] <= 1
+        assert results[split]["vra"] + results[split]["rejection_rate"] <= 1
+    # The test data is hard enough that the numbers below test something.
+    assert 0 < results["test"]["vra"] < results["test"]["clean_acc"] < 1
+    assert results["lipschitz_constant"] > 0
+    assert results["seconds_per_epoch"] > 0 and len(results["epoch_seconds"]) == 2
+    assert results["peak_memory"]["host_rss_mb"] > 0
+
+    history = _history(trained)
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    # Training ends at 1.1 epsilon (the default schedule); the model at epsilon.
+    assert float(history[-1]["epsilon"]) == pytest.approx(1.1 * EPSILON, rel=1e-6)
+    assert keras.saving.load_model(trained / "model.keras", compile=False).epsilon == pytest.approx(EPSILON)
+    np.testing.assert_allclose(
+        list(_test_metrics(trained / "model.keras", data_dir).values()),
+        [results["test"][k] for k in ("clean_acc", "vra", "rejection_rate")],
+        atol=1e-6,
+    )
+
+
+def test_certify_measures_what_train_reported(trained, data_dir):
+    out = trained / "certified"
+    _run(
+        CERTIFY,
+        "--model",
+        trained / "model.keras",
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--audit",
+        10,
+        "--verbose",
+        0,
+    )
+    results = json.loads((trained / "results.json").read_text())
+    report = json.loads((out / "certify.json").read_text())
+    for key in ("clean_acc", "vra", "rejection_rate"):
+        assert report[key] == pytest.approx(results["test"][key], abs=1e-6), key
+    assert report["epsilon"] == EPSILON
+    assert report["num_examples"] == 256
+    assert report["throughput_examples_per_second"] > 0
+    assert report["lipschitz_constant"] == pytest.approx(results["lipschitz_constant"])
+    assert 1 <= report["lipschitz_report"]["ratio"] < 1.01
+    assert report["radius_vra_disagreements"] == 0
+    assert report["audit"]["points"] == 10
+    assert report["audit"]["broken"] == 0
+    assert report["audit"]["max_relative_margin_reduction"] < 1
+
+    with open(out / "examples.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["index"]) for r in rows] == list(range(256))
+    label, clean, prediction = (
+        np.array([int(r[k]) for r in rows]) for k in ("label", "clean_prediction", "prediction")
+    )
+    radius = np.array([float(r["radius"]) for r in rows])
+    assert np.mean(prediction == label) == pytest.approx(report["vra"])
+    assert np.mean(prediction == -1) == pytest.approx(report["rejection_rate"])
+    assert np.all((prediction == -1) | (prediction == clean))
+    np.testing.assert_array_equal(prediction >= 0, radius > EPSILON)
+
+    curve = np.loadtxt(out / "radius_curve.csv", delimiter=",", skiprows=1)
+    assert curve[0, 0] == 0 and curve[0, 1] == pytest.approx(report["clean_acc"])
+    assert np.all(np.diff(curve[:, 1]) <= 0)
+    expected = [np.mean((clean == label) & (radius >= r)) for r in curve[:, 0]]
+    np.testing.assert_allclose(curve[:, 1], expected)
+    assert (out / "radius_curve.png").stat().st_size > 0
+
+
+def test_certify_saved_model(trained, data_dir):
+    result = _run(
+        CERTIFY,
+        "--model",
+        trained / "saved_model",
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        data_dir,
+        "--verbose",
+        0,
+    )
+    out = trained / "certify_test_saved_model"
+    report = json.loads((out / "certify.json").read_text())
+    results = json.loads((trained / "results.json").read_text())
+    for key in ("clean_acc", "vra", "rejection_rate"):
+        assert report[key] == pytest.approx(results["test"][key], abs=1e-6), key
+    assert report["epsilon"] == EPSILON
+    assert "unavailable" in report["radius"] and "unavailable" in result.stdout
+    assert not (out / "radius_curve.csv").exists()
+
+
+def test_killed_training_resumes(data_dir, tmp_path):
+    epochs, steps = 8, 32
+    args = [
+        *TRAIN_FLAGS,
+        "--batch-size",
+        512 // steps,
+        "--epochs",
+        epochs,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path,
+    ]
+    process = subprocess.Popen(
+        _command(TRAIN, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "backup" / "training_metadata.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "no epoch was backed up"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "results.json").exists()
+    backed_up = json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"]
+    assert 1 <= backed_up < epochs, "training finished before it was killed"
+    before = _history(tmp_path)
+    # A kill can also land between logging an epoch and backing it up: fake
+    # the row such a run leaves, which the resumed run must replace.
+    if len(before) == backed_up:
+        with open(tmp_path / "history.csv", "a") as file:
+            file.write(",".join([str(backed_up)] + ["-1"] * (len(before[0]) - 1)) + "\n")
+
+    resumed = _run(TRAIN, *args)
+    assert "Resuming" in resumed.stdout
+    assert re.findall(r"Epoch (\d+)/", resumed.stdout) == [str(e + 1) for e in range(backed_up, epochs)]
+    assert not (tmp_path / "backup").exists()
+    history = _history(tmp_path)
+    assert [int(row["epoch"]) for row in history] == list(range(epochs))
+    assert history[:backed_up] == before[:backed_up]
+    assert all(value != "-1" for row in history for value in row.values())
+    # The epsilon schedule went on where it was: its value at the last batch
+    # of each epoch.
+    schedule = gloro.schedules.parse("[0.01]-log-[50%:1.1]")
+    expected = [EPSILON * schedule((e + (steps - 1) / steps) / epochs) for e in range(epochs)]
+    np.testing.assert_allclose([float(row["epsilon"]) for row in history], expected, rtol=1e-5)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["epoch_seconds"]) == epochs
+    # The optimizer state went on too: its step counter (the first optimizer
+    # variable in the .keras weights) counts every step of both runs.
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")))
+        assert weights["optimizer/vars/0"][()] == epochs * steps
+    np.testing.assert_allclose(
+        list(_test_metrics(tmp_path / "model.keras", data_dir).values()),
+        [results["test"][k] for k in ("clean_acc", "vra", "rejection_rate")],
+        atol=1e-6,
+    )
+
+
+@functools.cache
+def _load_module(script):
+    spec = importlib.util.spec_from_file_location(f"_script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--dataset", "no_such_dataset"], "--dataset"),
+        (["--architecture", "resnet"], "--architecture"),
+        (["--activation", "tanh"], "--activation"),
+        (["--epsilon", "-0.1"], "--epsilon"),
+        (["--epsilon", "nan"], "--epsilon"),
+        (["--epsilon-schedule", "[0.01]-log-[50%:"], "--epsilon-schedule"),
+        (["--lr-schedule", "[1]-exp-[0]"], "--lr-schedule"),
+        (["--loss", "trades_kl.x"], "--loss"),
+        (["--loss", "mse"], "--loss"),
+        (["--trades-schedule", "linear"], "--trades-schedule"),
+        (["--optimizer", "rmsprop"], "--optimizer"),
+        (["--optimizer", "sgd.1.5"], "--optimizer"),
+        (["--augmentation", "flip"], "--augmentation"),
+        (["--lr", "0"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_train_rejects_bad_flags(args, flag, tmp_path):
+    result = CliRunner().invoke(
+        _load_module(TRAIN).app, [*args, "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    )
+    _assert_one_line_error(result.exit_code, result.output, flag)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--model", "missing.keras"], "--model"),
+        (["--model", "{run}/model.keras", "--epsilon", "-1"], "--epsilon"),
+        (["--model", "{run}/saved_model", "--epsilon", "0.2"], "--epsilon"),
+        (["--model", "{run}/model.keras", "--dataset", "no_such_dataset"], "--dataset"),
+        (["--model", "{run}/model.keras", "--split", "validation"], "--split"),
+        (["--model", "{run}/model.keras", "--audit", "-1"], "--audit"),
+    ],
+)
+def test_certify_rejects_bad_flags(args, flag, trained, data_dir):
+    args = [a.format(run=trained) for a in args] + ["--data-dir", str(data_dir)]
+    if "--dataset" not in args:
+        args += ["--dataset", "synthetic"]
+    result = CliRunner().invoke(_load_module(CERTIFY).app, args)
+    _assert_one_line_error(result.exit_code, result.output, flag)
+
+
+def _assert_one_line_error(exit_code, output, flag):
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert exit_code == 2, output
+    assert len(errors) == 1 and flag in errors[0], output
+    assert "Traceback" not in output
+
+
+def test_bad_flag_from_the_command_line():
+    result = subprocess.run(
+        _command(TRAIN, "--epsilon", "-1"), check=False, capture_output=True, text=True, env=_env()
+    )
+    _assert_one_line_error(result.returncode, result.stderr, "--epsilon")
+
+
+@pytest.mark.parametrize("script", [TRAIN, CERTIFY], ids=["train", "certify"])
+def test_help_lists_every_flag_with_its_default(script):
+    help_text = _run(script, "--help").stdout
+    entries = {}
+    for entry in re.split(r"\n  (?=--)", help_text)[1:]:
+        flag, text = entry.split(None, 1)
+        entries[flag] = " ".join(text.split())
+    function = getattr(_load_module(script), script.stem)
+    for name, parameter in inspect.signature(function).parameters.items():
+        text = entries[f"--{name.replace('_', '-')}"]
+        if parameter.default is inspect.Parameter.empty:
+            assert "[required]" in text, name
+        elif parameter.default is None:
+            assert "[default: (" in text, name
+        else:
+            assert f"default: {parameter.default}" in text, name
