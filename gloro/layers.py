@@ -48,32 +48,24 @@ class SpectralNormCache:
     """
 
     def _build_cache(self):
-        self.power_vector = self.add_weight(
-            shape=(1,) + tuple(self._operator_input_shape),
-            initializer=keras.initializers.RandomNormal(seed=0),
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-            aggregation=_CACHE_AGGREGATION,
-            name="power_vector",
+        self.power_vector = self._cache_weight(
+            "power_vector", (1,) + tuple(self._operator_input_shape),
+            keras.initializers.RandomNormal(seed=0),
         )
-        self.lipschitz_estimate = self.add_weight(
-            shape=(),
-            initializer="zeros",
+        self.lipschitz_estimate = self._cache_weight("lipschitz_estimate", (), "zeros")
+        self.lipschitz_bound = self._cache_weight("lipschitz_bound", (), "zeros")
+
+    def _cache_weight(self, name, shape, initializer):
+        # float32 whatever the dtype policy: bounds must not be computed in
+        # half precision.
+        return self.add_weight(
+            shape=shape,
+            initializer=initializer,
             trainable=False,
             dtype="float32",
             autocast=False,
             aggregation=_CACHE_AGGREGATION,
-            name="lipschitz_estimate",
-        )
-        self.lipschitz_bound = self.add_weight(
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-            aggregation=_CACHE_AGGREGATION,
-            name="lipschitz_bound",
+            name=name,
         )
 
     # Keras' Dense and Conv2D save only their kernel and bias; the caches are
