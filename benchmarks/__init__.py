@@ -1,0 +1,1 @@
+"""Cost benchmarks of GloRo Nets against plain Keras networks (see BENCHMARKS.md)."""
