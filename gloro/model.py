@@ -167,8 +167,9 @@ class GloroNet(keras.Model):
     def _check_head(self):
         head = self._head
         if not isinstance(head, keras.layers.Dense):
-            hint = " Remove the softmax: GloroNet needs logits." if isinstance(head, keras.layers.Softmax) or (
-                isinstance(head, keras.layers.Activation)) else ""
+            hint = ""
+            if isinstance(head, (keras.layers.Softmax, keras.layers.Activation)):
+                hint = " Remove the final activation: GloroNet needs logits (a softmax does not change the prediction)."
             raise ValueError(
                 f"The last layer '{head.name}' ({type(head).__name__}) must be a "
                 f"Dense layer producing logits.{hint}"
@@ -245,7 +246,7 @@ class GloroNet(keras.Model):
                 f"GloroNet '{self.name}' expects inputs of shape (batch,) + "
                 f"{expected}, got {tuple(x.shape)}."
             )
-        dtype = tf.as_dtype(x.dtype) if not isinstance(x.dtype, str) else tf.as_dtype(x.dtype)
+        dtype = tf.as_dtype(x.dtype)
         if not (dtype.is_floating or dtype.is_integer):
             raise TypeError(f"GloroNet '{self.name}' expects numeric inputs, got dtype {dtype.name}.")
 
