@@ -107,9 +107,13 @@ class SpectralNormCache:
         Returns:
             float, the converged estimate times the activation's bound.
         """
-        sigma, v = lipschitz.power_converge(
-            self._operator(self._kernel_tensor()), self._unit_power_vector()
-        )
+        if getattr(self, "_converge_step", None) is None:
+            # Reads the kernel variable when called, so one trace serves
+            # every later refresh.
+            self._converge_step = tf.function(
+                lambda v: lipschitz.power_step(self._operator(self._kernel_tensor()), v, iterations=10)
+            )
+        sigma, v = lipschitz.power_converge(self._converge_step, self._unit_power_vector())
         self.power_vector.assign(v)
         self.lipschitz_estimate.assign(sigma)
         return sigma * lipschitz.activation_bound(self)

@@ -136,17 +136,18 @@ def power_step(operator, v, iterations=1):
     return tf.norm(operator.apply(v)), v
 
 
-def power_converge(operator, v):
+def power_converge(step, v):
     """Runs power iteration until the estimate stops moving.
 
     Args:
-        operator: a `DenseOperator` or `ConvOperator` of constant kernel.
+        step: a function `v -> (sigma, v)` taking 10 `power_step`
+            iterations on the current kernel (compiled once by the caller:
+            a new `tf.function` per call would retrace every time).
         v: starting unit vector.
 
     Returns:
         `(sigma, v)` as numpy float and tensor.
     """
-    step = tf.function(lambda v: power_step(operator, v, iterations=10))
     sigma, previous = 0.0, -1.0
     for _ in range(MAX_CONVERGENCE_ITERATIONS // 10):
         sigma_t, v = step(v)
