@@ -286,6 +286,7 @@ class GloroNet(keras.Model):
         bound = self._static_bound
         for layer in self._spectral:
             bound *= layer.guaranteed_bound()
+        # Covers the float64 rounding of this product chain itself.
         bound *= lipschitz.SAFETY_FACTOR
         kernel = self._head.kernel.numpy()
         exact = bound * lipschitz.pairwise_column_distances(kernel)
