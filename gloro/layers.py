@@ -130,7 +130,7 @@ class SpectralNormCache:
 
     def _unit_power_vector(self):
         v = ops.convert_to_tensor(self.power_vector)
-        return v / ops.norm(v)
+        return v / ops.sqrt(ops.sum(ops.square(v)))
 
     def power_step(self, iterations=1):
         """Advances the cached power iteration; for use during training.
