@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"needs the TensorFlow backend (running on {keras.backend.backend()})")
     for item in items:
-        if "tensorflow" in item.keywords:
+        if item.get_closest_marker("tensorflow") is not None:
             item.add_marker(skip)
 
 
