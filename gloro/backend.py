@@ -1,29 +1,45 @@
-"""The few things that differ between Keras backends, in one place.
+"""What differs between Keras backends, in one place.
 
-Minimal version for the scripts branch (compiling a pure function, an input
-gradient, importing TensorFlow for what needs it); the lead's module of the
-same name and API replaces it.
+The rest of `gloro` is written with `keras.ops` and NumPy; the few things
+Keras does not abstract (compiling a pure function, an input gradient, the
+TensorFlow-only features) are answered here, so that no other module needs
+to name a backend. Supported backends: TensorFlow (the default) and JAX.
+
+Example:
+
+```python
+from gloro import backend
+
+step = backend.compiled(lambda kernel, v: ...)   # tf.function or jax.jit
+tf = backend.require_tensorflow("SavedModel export")
+```
 """
 
 import keras
 
+SUPPORTED = ("tensorflow", "jax")
+
+
+def name():
+    """The Keras backend of this process, e.g. `"tensorflow"` or `"jax"`."""
+    return keras.backend.backend()
+
 
 def compiled(fn):
-    """Compiles a function that is pure in its tensor arguments.
+    """Compiles a pure function of tensors once per input signature.
 
     Args:
-        fn: a function whose result depends only on its arguments. It must
-            not read Keras variables: JAX would bake their values in.
+        fn: a function whose result depends only on its tensor arguments (it
+            must not read Keras variables: JAX would bake their values in).
 
     Returns:
-        `tf.function(fn)` on TensorFlow, `jax.jit(fn)` on JAX, `fn` as is on
-        any other backend.
+        `tf.function(fn)` on TensorFlow, `jax.jit(fn)` on JAX, `fn` otherwise.
     """
-    if keras.backend.backend() == "tensorflow":
+    if name() == "tensorflow":
         import tensorflow as tf
 
         return tf.function(fn)
-    if keras.backend.backend() == "jax":
+    if name() == "jax":
         import jax
 
         return jax.jit(fn)
@@ -31,30 +47,30 @@ def compiled(fn):
 
 
 def value_and_grad(fn):
-    """Input gradient of a function of one tensor.
+    """Input gradient of a batched function.
 
     Args:
-        fn: maps a tensor `x` to a tensor `y` of any shape.
+        fn: maps a tensor `x` to a tensor `y` (any shape).
 
     Returns:
-        a function `x -> (y, g)`, where `g` is the gradient of `sum(y)` with
-        respect to `x`; for a row-wise `fn`, each row's own gradient.
+        a function `x -> (y, g)` where `g` is the gradient of `sum(y)` with
+        respect to `x` (for row-wise `fn`, each row's own gradient).
 
     Raises:
         NotImplementedError: on a backend other than TensorFlow and JAX.
     """
-    if keras.backend.backend() == "tensorflow":
+    if name() == "tensorflow":
         import tensorflow as tf
 
-        def tensorflow_value_and_grad(x):
+        def tf_value_and_grad(x):
             x = tf.convert_to_tensor(x)
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = fn(x)
             return y, tape.gradient(y, x)
 
-        return tensorflow_value_and_grad
-    if keras.backend.backend() == "jax":
+        return tf_value_and_grad
+    if name() == "jax":
         import jax
         import jax.numpy as jnp
 
@@ -64,8 +80,8 @@ def value_and_grad(fn):
 
         return jax_value_and_grad
     raise NotImplementedError(
-        "gloro computes input gradients on the TensorFlow and JAX backends, "
-        f"not on '{keras.backend.backend()}'. Set KERAS_BACKEND=tensorflow or jax."
+        f"gloro computes input gradients on {' and '.join(SUPPORTED)}, not on "
+        f"Keras' '{name()}' backend. Set KERAS_BACKEND=tensorflow or jax."
     )
 
 
@@ -73,7 +89,7 @@ def require_tensorflow(what):
     """Imports TensorFlow for a feature that needs it.
 
     Args:
-        what: the feature, named in the error message.
+        what: the feature, named in the error (e.g. `"SavedModel export"`).
 
     Returns:
         the `tensorflow` module.
@@ -85,5 +101,9 @@ def require_tensorflow(what):
     try:
         import tensorflow as tf
     except ImportError as error:
-        raise ImportError(f"{what} needs TensorFlow: pip install tensorflow") from error
+        raise ImportError(
+            f"{what} needs TensorFlow, which is not installed. Install it with "
+            "`pip install tensorflow` (the rest of gloro runs without it on "
+            "the JAX backend)."
+        ) from error
     return tf
