@@ -59,12 +59,19 @@ schedules.parse("[1.]-[50%:1.]-cos-[0.001]")     # hold, then decay
 schedules.parse("[0]-lin-[25%:1]-[75%:1]-lin-[0.1]")  # warm up, cool down
 schedules.parse("[1]-[50%:0.1]")                 # step decay at mid-run
 ```
+
+`ScheduledLearningRate` turns a schedule into a Keras learning-rate schedule
+for an optimizer; `gloro.callbacks.EpsilonScheduler` and `TradesScheduler`
+apply schedules to epsilon and the TRADES weight.
 """
 
 import bisect
 import dataclasses
 import math
 import re
+
+import keras
+from keras import ops
 
 KEYWORDS = {
     "fixed": "[1.]",
@@ -321,3 +328,103 @@ def _parse_number(text, what, point, fail):
     if number < 0:
         raise fail(f"negative {what} in {point!r}")
     return number
+
+
+def _evaluate(schedule, t):
+    """`schedule(t)` for a float32 tensor `t` in `[0, 1]`, with `keras.ops`.
+
+    Each point's segment is evaluated everywhere and the last point at or
+    before `t` wins, which is `Schedule.__call__`'s right-continuous rule
+    written without branching on tensors.
+    """
+    positions, values = schedule._positions, schedule._values
+    value = ops.full_like(t, values[0])
+    for i, p0 in enumerate(positions):
+        if i == len(values) - 1:
+            segment = ops.full_like(t, values[-1])
+        else:
+            p1, kind = positions[i + 1], schedule._interpolations[i]
+            if p1 == p0:
+                # A jump: the next point takes over at the same position.
+                continue
+            v0, v1 = values[i], values[i + 1]
+            # Clipped so that segments not selected stay finite.
+            u = ops.clip((t - p0) / (p1 - p0), 0.0, 1.0)
+            if kind is None:
+                segment = ops.full_like(t, v0)
+            elif kind == "lin":
+                segment = v0 + (v1 - v0) * u
+            elif kind == "log":
+                segment = v0 * ops.exp(u * math.log(v1 / v0))
+            else:
+                # (1 + cos(pi u)) / 2 written as a square: no cancellation
+                # near the end of a decay, where float32 would lose digits.
+                segment = v1 + (v0 - v1) * ops.square(ops.cos(math.pi / 2.0 * u))
+        value = ops.where(t >= p0, segment, value)
+    return value
+
+
+@keras.saving.register_keras_serializable(package="gloro")
+class ScheduledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning rate following a schedule string, for any Keras optimizer.
+
+    At optimizer step `step` the learning rate is
+    `initial_learning_rate * schedule(min(step / total_steps, 1))`. It is
+    computed with `keras.ops` from the optimizer's step counter, so it runs
+    inside the compiled training step on every backend and is saved with the
+    optimizer.
+
+    Args:
+        schedule: a schedule string (see this module's grammar) or a
+            `Schedule`, e.g. `"[1.]-[50%:1.]-cos-[0.001]"`.
+        initial_learning_rate: the base learning rate, a finite number >= 0.
+        total_steps: the number of optimizer steps of the whole run (epochs
+            times steps per epoch), a positive int.
+
+    Raises:
+        TypeError, ValueError: a malformed schedule or argument.
+
+    Example:
+
+    ```python
+    lr = gloro.schedules.ScheduledLearningRate(
+        "[1.]-[50%:1.]-cos-[0.001]", 1e-3, total_steps=epochs * steps_per_epoch)
+    g.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_crossentropy")
+    ```
+    """
+
+    def __init__(self, schedule, initial_learning_rate, total_steps):
+        self.schedule = parse(schedule)
+        if (
+            isinstance(initial_learning_rate, bool)
+            or not isinstance(initial_learning_rate, (int, float))
+            or not math.isfinite(initial_learning_rate)
+            or initial_learning_rate < 0
+        ):
+            raise ValueError(
+                "initial_learning_rate must be a finite number >= 0, got "
+                f"{initial_learning_rate!r}."
+            )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.total_steps = total_steps
+
+    def __call__(self, step):
+        """Returns the learning rate at optimizer step `step`.
+
+        Args:
+            step: the optimizer's step counter, a scalar integer tensor.
+
+        Returns:
+            float32 scalar tensor.
+        """
+        t = ops.clip(ops.cast(step, "float32") / self.total_steps, 0.0, 1.0)
+        return self.initial_learning_rate * _evaluate(self.schedule, t)
+
+    def get_config(self):
+        return {
+            "schedule": self.schedule.spec,
+            "initial_learning_rate": self.initial_learning_rate,
+            "total_steps": self.total_steps,
+        }

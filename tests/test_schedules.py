@@ -1,7 +1,10 @@
 import math
+import os
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 
 from gloro import schedules
@@ -218,12 +221,129 @@ def test_wrong_type(spec):
         schedules.parse(spec)
 
 
-def test_no_heavy_imports():
-    # The file is loaded on its own: `gloro/__init__.py` may import keras.
+def test_no_tensorflow_on_jax():
+    # With the JAX backend the schedules (ScheduledLearningRate included)
+    # must work where TensorFlow is not installed. The file is loaded on its
+    # own, so that only its own imports count.
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('s', {schedules.__file__!r})\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "assert not {'tensorflow', 'keras'} & set(sys.modules)\n"
+        "schedules = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(schedules)\n"
+        "lr = schedules.ScheduledLearningRate('cosine', 1.0, 10)\n"
+        "assert abs(float(lr(5)) - 0.5) < 1e-6\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ------------------------------------------------------ ScheduledLearningRate
+
+# Every interpolation, holds before and after, jumps (also between equal
+# positions) and a lone point.
+LR_SPECS = [
+    "[0.01]-log-[50%:1.1]",
+    "[1.]-[50%:1.]-cos-[0.001]",
+    "[0]-lin-[25%:1]-[75%:1]-lin-[0.1]",
+    "[20%:4]-cos-[60%:1]",
+    "[1]-[50%:0.1]-[0.01]",
+    "[0]-lin-[50%:1]-[50%:3]-lin-[5]",
+    "[0]-lin-[50%:1]-lin-[50%:3]",
+    "[1e-3]-log-[1]",
+    "[2.5]",
+    "fixed",
+    "cosine",
+]
+
+
+@pytest.mark.parametrize("spec", LR_SPECS)
+def test_scheduled_learning_rate_matches_schedule(spec):
+    total = 1000
+    lr = schedules.ScheduledLearningRate(spec, 3e-3, total)
+    steps = np.concatenate([np.arange(-20, 1200, 7), [0, 200, 250, 500, 600, 750, 999, 1000]])
+    expected = np.array([3e-3 * schedules.parse(spec)(s / total) for s in steps])
+    # float32 progress: a relative error of a few ulps in the multiplier.
+    tolerance = {"rtol": 1e-5, "atol": 3e-3 * 1e-7}
+    # One call on the whole vector: the evaluation is elementwise.
+    vector = keras.ops.convert_to_numpy(lr(np.asarray(steps, "int32")))
+    np.testing.assert_allclose(vector, expected, **tolerance)
+    for s, e in zip(steps[::9], expected[::9]):
+        np.testing.assert_allclose(float(keras.ops.convert_to_numpy(lr(int(s)))), e, **tolerance)
+
+
+def test_scheduled_learning_rate_config_round_trip():
+    lr = schedules.ScheduledLearningRate(schedules.parse("cosine"), 0.1, 40)
+    config = lr.get_config()
+    assert config == {"schedule": "cosine", "initial_learning_rate": 0.1, "total_steps": 40}
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(lr))
+    assert type(clone) is schedules.ScheduledLearningRate
+    assert clone.get_config() == config
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"initial_learning_rate": -1.0}, "initial_learning_rate"),
+    ({"initial_learning_rate": float("nan")}, "initial_learning_rate"),
+    ({"initial_learning_rate": True}, "initial_learning_rate"),
+    ({"total_steps": 0}, "total_steps"),
+    ({"total_steps": 10.0}, "total_steps"),
+])
+def test_scheduled_learning_rate_rejects_bad_arguments(kwargs, match):
+    args = {"schedule": "cosine", "initial_learning_rate": 0.1, "total_steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        schedules.ScheduledLearningRate(**args)
+
+
+def test_scheduled_learning_rate_rejects_bad_schedule():
+    with pytest.raises(ValueError, match=r"\[0\]-foo-\[1\]"):
+        schedules.ScheduledLearningRate("[0]-foo-[1]", 0.1, 10)
+
+
+def _plain_model():
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")(inputs))
+
+
+def test_scheduled_learning_rate_drives_fit():
+    # SGD on a linear model with zero data except one coordinate: each step
+    # moves the weight by exactly lr * gradient, so the weight trajectory
+    # reveals the rate used at every step.
+    spec = "[1.]-[50%:1.]-cos-[0.1]"
+    total = 12
+    lr = schedules.ScheduledLearningRate(spec, 0.01, total)
+    model = _plain_model()
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    x = np.array([[1.0, 0.0, 0.0]], "float32")
+    # With the target far away the gradient of (w - y)^2 is 2 (w - y); record
+    # w after every step and recover each step's rate from the update.
+    y = np.array([[1000.0]], "float32")
+    weights = []
+
+    class Weights(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights.append(float(keras.ops.convert_to_numpy(self.model.weights[0])[0, 0]))
+
+    model.fit(x, y, epochs=total, batch_size=1, verbose=0, callbacks=[Weights()])
+    previous = np.array([0.0] + weights[:-1])
+    used = (np.array(weights) - previous) / (2 * (1000.0 - previous))
+    expected = [0.01 * schedules.parse(spec)(s / total) for s in range(total)]
+    np.testing.assert_allclose(used, expected, rtol=1e-3)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == total
+
+
+def test_scheduled_learning_rate_saved_with_optimizer(tmp_path):
+    lr = schedules.ScheduledLearningRate("[1.]-cos-[0.01]", 0.05, 20)
+    model = _plain_model()
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
+    x = np.ones((8, 3), "float32")
+    model.fit(x, np.ones((8, 1), "float32"), epochs=1, batch_size=2, verbose=0)
+    path = str(tmp_path / "plain.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    restored = loaded.optimizer._learning_rate
+    assert type(restored) is schedules.ScheduledLearningRate
+    assert restored.get_config() == lr.get_config()
+    assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 4
+    # The optimizer's current rate is the schedule's at the restored step.
+    current = float(keras.ops.convert_to_numpy(loaded.optimizer.learning_rate))
+    assert current == pytest.approx(0.05 * schedules.parse("[1.]-cos-[0.01]")(4 / 20), rel=1e-5)
