@@ -1,16 +1,18 @@
 """Keras callbacks for training GloRo Nets.
 
-* `EpsilonScheduler`, `TradesScheduler`, `LearningRateScheduler`: set epsilon,
-  the TRADES weight lambda or the learning rate before every batch from a
-  `gloro.schedules` string (values are interpolated within an epoch).
+* `EpsilonScheduler`, `TradesScheduler`: set epsilon or the TRADES weight
+  lambda before every batch from a `gloro.schedules` string (values are
+  interpolated within an epoch). For the learning rate use
+  `gloro.schedules.ScheduledLearningRate`, which the optimizer evaluates
+  itself.
 * `LipschitzRefresh`: makes the Lipschitz constants guaranteed before each
   validation pass and at the end of training (`GloroNet.fit` adds it).
 
 Schedules are functions of the fraction of training done, so a run resumed by
 `keras.callbacks.BackupAndRestore` (which restarts `fit` at the right epoch)
 picks them up where they were. Give the base value explicitly when resuming:
-by default it is read from the model when training starts, and a restored
-model holds the scheduled value, not the base.
+by default it is read from the model when training starts, and a model saved
+during training holds the scheduled value, not the base.
 """
 
 import keras
@@ -19,7 +21,14 @@ from gloro import schedules
 
 
 class _ScheduleCallback(keras.callbacks.Callback):
-    """Sets `self._set(base * schedule(progress))` before every batch."""
+    """Sets `base * schedule(progress)` before every training batch.
+
+    Subclasses read and write the value through `self.model` in `_get` and
+    `_set`. On JAX that access writes the trainer's state back into the
+    variables and makes the next step read them again, which is what lets an
+    assignment reach the compiled step; it costs a host round trip, so the
+    model is only touched when the value changes.
+    """
 
     def __init__(self, schedule, base=None):
         super().__init__()
@@ -31,28 +40,35 @@ class _ScheduleCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.base is None:
             self.base = self._get()
+        # The model may have been changed since a previous `fit`.
+        self._last = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
         multiplier = self.schedule.at(self._epoch, batch, self.params["epochs"], self.params.get("steps"))
-        value = self.base * multiplier
-        # Assigning a variable from Python costs a host round trip; skip it
-        # when the value has not moved (fixed or held segments).
+        self._apply(self.base * multiplier)
+
+    def _apply(self, value):
         if value != self._last:
             self._set(value)
             self._last = value
 
 
 class EpsilonScheduler(_ScheduleCallback):
-    """Schedules a GloroNet's epsilon.
+    """Schedules a GloroNet's epsilon during training.
+
+    Training batches use `epsilon * schedule(progress)`. Validation passes
+    inside `fit` and the model left by `fit` use `epsilon` itself: the
+    schedule shapes training only, and the model certifies at the radius
+    asked for.
 
     Args:
         schedule: a `gloro.schedules` string or `Schedule`, e.g.
             `"[0.01]-log-[50%:1.1]"` (multipliers of `epsilon`).
-        epsilon: the base value; defaults to the model's epsilon when
-            training starts.
+        epsilon: the base value, the radius certified after training;
+            defaults to the model's epsilon when training starts.
 
     Example:
 
@@ -63,6 +79,22 @@ class EpsilonScheduler(_ScheduleCallback):
 
     def __init__(self, schedule, epsilon=None):
         super().__init__(schedule, epsilon)
+        self._fitting = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._fitting = True
+
+    def on_test_begin(self, logs=None):
+        # A validation pass measures the model at the radius asked for; the
+        # cached value then makes the next training batch set the schedule's
+        # value again. Outside `fit` the callback leaves evaluation alone.
+        if self._fitting:
+            self._apply(self.base)
+
+    def on_train_end(self, logs=None):
+        self._apply(self.base)
+        self._fitting = False
 
     def _get(self):
         return self.model.epsilon
@@ -105,41 +137,6 @@ class TradesScheduler(_ScheduleCallback):
 
     def _set(self, value):
         self._loss().lam.assign(value)
-
-
-class LearningRateScheduler(_ScheduleCallback):
-    """Schedules the optimizer's learning rate with a `gloro.schedules` string.
-
-    Args:
-        schedule: a `gloro.schedules` string or `Schedule`, e.g.
-            `"[1.]-[50%:1.]-cos-[0.001]"`.
-        learning_rate: the base value; defaults to the optimizer's learning
-            rate when training starts.
-
-    Example:
-
-    ```python
-    g.fit(x, y, epochs=10, callbacks=[gloro.callbacks.LearningRateScheduler("cosine", 1e-3)])
-    ```
-    """
-
-    def __init__(self, schedule, learning_rate=None):
-        super().__init__(schedule, learning_rate)
-
-    def _variable(self):
-        lr = self.model.optimizer.learning_rate
-        if not hasattr(lr, "assign"):
-            raise ValueError(
-                "LearningRateScheduler needs an optimizer with a constant "
-                "learning rate, not a LearningRateSchedule."
-            )
-        return lr
-
-    def _get(self):
-        return float(self._variable().numpy())
-
-    def _set(self, value):
-        self._variable().assign(value)
 
 
 class LipschitzRefresh(keras.callbacks.Callback):

@@ -22,7 +22,7 @@ Soundness details:
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 # Far above float32 rounding of one multiply-add (2**-24), far below any
 # margin that matters.
@@ -42,29 +42,41 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
 
     Returns:
         float32 tensor `(n, m + 1)`.
+
+    Example:
+
+    ```python
+    logits = np.array([[3.0, 1.0], [1.0, 1.0]], "float32")
+    k = np.array([[0.0, 2.0], [2.0, 0.0]], "float32")
+    add_bottom_logit(logits, k, 0.5, True)
+    # [[3, 1, 2]: certified (2 > 1 + 0.5 * 2), [1, 1, 2]: a tie, never certified]
+    ```
     """
-    logits = tf.cast(logits, tf.float32)
-    m = tf.shape(logits)[1]
-    top_index = tf.argmax(logits, axis=1, output_type=tf.int32)
-    top = tf.reduce_max(logits, axis=1)
-    k_rows = tf.gather(margin_lipschitz, top_index)
+    logits = ops.cast(logits, "float32")
+    margin_lipschitz = ops.cast(margin_lipschitz, "float32")
+    epsilon = ops.cast(epsilon, "float32")
+    top_index = ops.cast(ops.argmax(logits, axis=1), "int32")
+    top = ops.max(logits, axis=1)
+    k_rows = ops.take(margin_lipschitz, top_index, axis=0)
     competitors = logits + epsilon * k_rows
-    is_top = tf.one_hot(top_index, m, on_value=True, off_value=False)
-    bottom = tf.reduce_max(tf.where(is_top, -np.inf, competitors), axis=1)
-    finite = tf.reduce_all(tf.math.is_finite(logits), axis=1)
-    certified = (
-        (top - bottom > MARGIN_SLACK * (tf.abs(top) + tf.abs(bottom)))
-        & finite
-        & certify
+    # Only the argmax itself is masked: a class tied with it stays a
+    # competitor, so ties are never certified.
+    classes = ops.arange(ops.shape(logits)[1], dtype="int32")
+    is_top = ops.equal(classes[None, :], top_index[:, None])
+    bottom = ops.max(ops.where(is_top, -np.inf, competitors), axis=1)
+    finite = ops.all(ops.isfinite(logits), axis=1)
+    certified = ops.logical_and(
+        ops.logical_and(top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)), finite),
+        ops.cast(certify, "bool"),
     )
     # Not nextafter: CPUs flushing denormals to zero would turn the nudge
     # above 0 back into a tie, which argmax resolves in favour of the class.
-    nudge = tf.maximum(tf.abs(top) * 2.0**-22, np.finfo(np.float32).tiny)
-    rejected_bottom = tf.maximum(bottom, top + nudge)
-    bottom = tf.where(certified, bottom, rejected_bottom)
-    bottom = tf.where(finite, bottom, np.inf)
-    logits = tf.where(finite[:, None], logits, -np.inf)
-    return tf.concat([logits, bottom[:, None]], axis=1)
+    nudge = ops.maximum(ops.abs(top) * 2.0**-22, np.finfo(np.float32).tiny)
+    rejected_bottom = ops.maximum(bottom, top + nudge)
+    bottom = ops.where(certified, bottom, rejected_bottom)
+    bottom = ops.where(finite, bottom, np.inf)
+    logits = ops.where(finite[:, None], logits, -np.inf)
+    return ops.concatenate([logits, bottom[:, None]], axis=1)
 
 
 def certified_radius(logits, margin_lipschitz):
@@ -106,12 +118,26 @@ def gloro_predictions(y_pred):
 
     Returns:
         int32 tensor `(n,)`.
+
+    Example:
+
+    ```python
+    gloro_predictions(g.predict(x))  # m where g does not certify
+    ```
     """
-    y_pred = tf.convert_to_tensor(y_pred)
-    m = tf.shape(y_pred)[1] - 1
-    prediction = tf.argmax(y_pred, axis=1, output_type=tf.int32)
-    finite = tf.reduce_all(tf.math.is_finite(y_pred[:, :-1]), axis=1)
-    return tf.where(finite, prediction, m)
+    y_pred = ops.convert_to_tensor(y_pred)
+    m = ops.shape(y_pred)[1] - 1
+    prediction = ops.cast(ops.argmax(y_pred, axis=1), "int32")
+    finite = ops.all(ops.isfinite(y_pred[:, :-1]), axis=1)
+    return ops.where(finite, prediction, ops.cast(m, "int32"))
+
+
+def _rank(shape):
+    # A TensorFlow tensor traced without a known rank has no length.
+    try:
+        return len(shape)
+    except (TypeError, ValueError):
+        return None
 
 
 def sparse_labels(y_true, num_classes):
@@ -127,17 +153,23 @@ def sparse_labels(y_true, num_classes):
 
     Raises:
         ValueError: the shape matches neither form.
+
+    Example:
+
+    ```python
+    sparse_labels(np.array([[0, 0, 1], [1, 0, 0]]), 3)  # [2, 0]
+    ```
     """
-    y_true = tf.convert_to_tensor(y_true)
-    shape = y_true.shape
+    y_true = ops.convert_to_tensor(y_true)
+    shape = tuple(y_true.shape) if _rank(y_true.shape) is not None else None
     # Keras' loss wrapper squeezes an (n, 1) label tensor with a dynamic
     # shape, which loses the rank: such labels are sparse.
-    if shape.rank is None or shape.rank == 1 or (shape.rank == 2 and shape[1] == 1):
-        return tf.cast(tf.reshape(y_true, (-1,)), tf.int32)
-    if shape.rank == 2 and shape[1] == num_classes:
-        return tf.argmax(y_true, axis=1, output_type=tf.int32)
+    if shape is None or len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
+        return ops.cast(ops.reshape(y_true, (-1,)), "int32")
+    if len(shape) == 2 and shape[1] == num_classes:
+        return ops.cast(ops.argmax(y_true, axis=1), "int32")
     raise ValueError(
-        f"Labels of shape {tuple(shape)} match neither sparse labels (n,) or "
+        f"Labels of shape {shape} match neither sparse labels (n,) or "
         f"(n, 1) nor one-hot labels (n, {num_classes}) for a model with "
         f"{num_classes} classes."
     )

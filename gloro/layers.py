@@ -1,12 +1,24 @@
-"""Layers with known Lipschitz bounds.
+"""Layers with known Lipschitz bounds, and the table of plain Keras ones.
 
-`Dense` and `Conv2D` behave exactly like their Keras namesakes and also cache,
-as non-trainable weights saved with the model, a power-iteration vector, the
-latest spectral-norm estimate and the latest guaranteed bound (see
-`gloro.lipschitz`). The other layers here are 1-Lipschitz or scale by a known
-constant. `ReLU`, `Flatten`, `Reshape`, `AveragePooling2D` and `MaxPooling2D`
-are Keras' own layers, re-exported so a model can be written against one
-namespace; their bounds are computed by `gloro.lipschitz.static_bound`.
+Every gloro layer answers one question itself: *what is my guaranteed L2
+Lipschitz bound on my input shape?* It is the method `guaranteed_bound()`,
+which returns a float proven to be at least the layer's true constant
+(computed in NumPy float64 by `gloro.lipschitz`, never from an estimate).
+`layer_bound(layer)` asks a layer for it, and looks plain Keras layers
+(`ReLU`, `Flatten`, pooling, ...) up in this module's table; anything else is
+refused with an error naming the layer.
+
+`Dense` and `Conv2D` also train with power iteration: they cache, as
+non-trainable weights saved with the model, a power-iteration vector, the
+latest spectral-norm estimate and the latest guaranteed bound, and offer
+`power_step` (a differentiable estimate for training) and `converge`.
+
+Your own layer: give it a `guaranteed_bound(self)` method returning a float
+that is at least its Lipschitz constant on its built input shape (and refuse
+shapes or settings you cannot bound). `GloroNet` then accepts it; the bound
+is recomputed whenever the model's weights change. Layers whose bound
+depends on weights that training moves should subclass `SpectralNormCache`
+as `Dense` and `Conv2D` do, or their bound is held fixed during training.
 
 Example:
 
@@ -19,14 +31,15 @@ z = layers.Conv2D(16, 4, strides=2, padding="same")(x)
 z = layers.MinMax()(z)
 z = layers.Flatten()(z)
 y = layers.Dense(10)(z)
+layers.layer_bound(z._keras_history.operation)   # 1.0 (Flatten)
 ```
 """
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from gloro import lipschitz
+from gloro import backend, lipschitz
 
 ReLU = keras.layers.ReLU
 Flatten = keras.layers.Flatten
@@ -34,26 +47,59 @@ Reshape = keras.layers.Reshape
 AveragePooling2D = keras.layers.AveragePooling2D
 MaxPooling2D = keras.layers.MaxPooling2D
 
+# Activations a layer may apply (the `activation` argument of Dense/Conv2D or
+# a keras.layers.Activation), with their Lipschitz constants.
+ACTIVATION_BOUNDS = {"linear": 1.0, "relu": 1.0}
+
 # Replicas hold identical weights, so each computes the same power-iteration
 # update; keeping the first replica's value keeps the caches in sync under
 # tf.distribute without a cross-replica reduction.
 _CACHE_AGGREGATION = "only_first_replica"
 
 
-class SpectralNormCache:
-    """Mixin for linear layers that cache their spectral norm.
+def activation_bound(layer):
+    """Lipschitz constant of a layer's `activation`.
 
-    Subclasses define `_operator(kernel)` and `_operator_input_shape`, and call
-    `_build_cache()` at the end of `build`.
+    Args:
+        layer: a layer with an `activation` attribute.
+
+    Returns:
+        float.
+
+    Raises:
+        ValueError: gloro does not know the activation's bound.
+    """
+    name = keras.activations.serialize(layer.activation)
+    if isinstance(name, dict):
+        name = name.get("config", {}).get("name", name.get("class_name"))
+    if name not in ACTIVATION_BOUNDS:
+        raise ValueError(
+            f"Layer '{layer.name}' uses activation {name!r}, whose Lipschitz "
+            f"bound gloro does not know. Use one of {sorted(ACTIVATION_BOUNDS)}"
+            " (or put a gloro.layers.MinMax layer after it)."
+        )
+    return ACTIVATION_BOUNDS[name]
+
+
+class SpectralNormCache:
+    """Mixin for linear layers that train with power iteration.
+
+    Subclasses define `_operator(kernel)` (a `gloro.lipschitz` operator),
+    `_guaranteed_norm(kernel)` (a NumPy float64 bound of that operator) and
+    `_operator_input_shape`, and call `_build_cache()` at the end of `build`.
+    The layer's activation multiplies every number it reports: the operator
+    norm times `activation_bound(self)`, fixed at build time.
     """
 
     def _build_cache(self):
+        self._activation_bound = activation_bound(self)
         self.power_vector = self._cache_weight(
             "power_vector", (1,) + tuple(self._operator_input_shape),
             keras.initializers.RandomNormal(seed=0),
         )
         self.lipschitz_estimate = self._cache_weight("lipschitz_estimate", (), "zeros")
         self.lipschitz_bound = self._cache_weight("lipschitz_bound", (), "zeros")
+        self._converge_step = None
 
     def _cache_weight(self, name, shape, initializer):
         # float32 whatever the dtype policy: bounds must not be computed in
@@ -68,6 +114,12 @@ class SpectralNormCache:
             name=name,
         )
 
+    @property
+    def cache_variables(self):
+        """The variables this layer derives from its kernel (not weights of
+        the function it computes)."""
+        return [self.power_vector, self.lipschitz_estimate, self.lipschitz_bound]
+
     # Keras' Dense and Conv2D save only their kernel and bias; the caches are
     # part of the certificate state, so every variable is saved, in order.
     def save_own_variables(self, store):
@@ -76,12 +128,9 @@ class SpectralNormCache:
     def load_own_variables(self, store):
         keras.layers.Layer.load_own_variables(self, store)
 
-    def _kernel_tensor(self):
-        return tf.cast(tf.convert_to_tensor(self.kernel), tf.float32)
-
     def _unit_power_vector(self):
-        v = tf.convert_to_tensor(self.power_vector)
-        return v / tf.norm(v)
+        v = ops.convert_to_tensor(self.power_vector)
+        return v / ops.sqrt(ops.sum(ops.square(v)))
 
     def power_step(self, iterations=1):
         """Advances the cached power iteration; for use during training.
@@ -90,48 +139,51 @@ class SpectralNormCache:
             iterations: power-iteration steps to take.
 
         Returns:
-            scalar tensor: the spectral-norm estimate of the current kernel,
-            differentiable with respect to it. A lower bound, never a
+            scalar tensor: the estimate of the layer's Lipschitz constant,
+            differentiable with respect to the kernel. A lower bound, never a
             certificate.
         """
-        sigma, v = lipschitz.power_step(
-            self._operator(self._kernel_tensor()), self._unit_power_vector(), iterations
-        )
+        kernel = ops.cast(self.kernel, "float32")
+        sigma, v = lipschitz.power_step(self._operator(kernel), self._unit_power_vector(), iterations)
         self.power_vector.assign(v)
-        self.lipschitz_estimate.assign(tf.stop_gradient(sigma))
-        return sigma * lipschitz.activation_bound(self)
+        self.lipschitz_estimate.assign(ops.stop_gradient(sigma))
+        return sigma * self._activation_bound
+
+    def estimate(self):
+        """The cached estimate (from the latest `power_step` or `converge`),
+        as a scalar tensor."""
+        return ops.convert_to_tensor(self.lipschitz_estimate) * self._activation_bound
 
     def converge(self):
         """Runs power iteration to convergence and caches the estimate.
 
         Returns:
-            float, the converged estimate times the activation's bound.
+            float, the converged estimate (not a certificate).
         """
-        if getattr(self, "_converge_step", None) is None:
-            # Reads the kernel variable when called, so one trace serves
-            # every later refresh.
-            self._converge_step = tf.function(
-                lambda v: lipschitz.power_step(self._operator(self._kernel_tensor()), v, iterations=10)
+        if self._converge_step is None:
+            # The kernel is an argument, so one compilation serves every
+            # later refresh.
+            self._converge_step = backend.compiled(
+                lambda kernel, v: lipschitz.power_step(self._operator(kernel), v, iterations=10)
             )
-        sigma, v = lipschitz.power_converge(self._converge_step, self._unit_power_vector())
+        kernel = ops.cast(self.kernel, "float32")
+        sigma, v = lipschitz.power_converge(
+            lambda v: self._converge_step(kernel, v), self._unit_power_vector()
+        )
         self.power_vector.assign(v)
         self.lipschitz_estimate.assign(sigma)
-        return sigma * lipschitz.activation_bound(self)
+        return sigma * self._activation_bound
 
     def guaranteed_bound(self):
         """Computes, caches and returns the guaranteed bound of this layer.
 
         Returns:
-            float, at least the operator norm of the layer on its input shape,
-            times the activation's bound.
+            float, at least the layer's Lipschitz constant on its input shape.
         """
-        bound = self._guaranteed_norm(np.asarray(self.kernel.numpy(), np.float64))
-        # Stored as float32 rounded up, so the cache never under-states it.
-        stored = np.float32(bound)
-        if stored < bound:
-            stored = np.nextafter(stored, np.float32(np.inf))
+        kernel = np.asarray(ops.convert_to_numpy(self.kernel), np.float64)
+        stored = lipschitz.round_up_float32(self._guaranteed_norm(kernel))
         self.lipschitz_bound.assign(stored)
-        return float(stored) * lipschitz.activation_bound(self)
+        return float(stored) * self._activation_bound
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -239,20 +291,25 @@ class MinMax(keras.layers.Layer):
             )
 
     def call(self, x):
-        shape = tf.shape(x)
-        pairs = tf.reshape(x, tf.concat([shape[:-1], [-1, 2]], axis=0))
-        low = tf.reduce_min(pairs, axis=-1, keepdims=True)
-        high = tf.reduce_max(pairs, axis=-1, keepdims=True)
-        return tf.reshape(tf.concat([low, high], axis=-1), shape)
+        first, second = x[..., 0::2], x[..., 1::2]
+        pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
+        return ops.reshape(pairs, ops.shape(x))
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def guaranteed_bound(self):
+        """A permutation within each pair: exactly 1."""
+        return 1.0
 
 
 @keras.saving.register_keras_serializable(package="gloro")
 class InvertibleDownsampling(keras.layers.Layer):
     """Space-to-depth: `(h, w, c) -> (h / p, w / p, c * p * p)`, a permutation
     of the coordinates, hence 1-Lipschitz.
+
+    Output channels are ordered as TensorFlow's `space_to_depth` orders them
+    (block row, block column, channel).
 
     Args:
         pool_size: block size `p`; height and width must be divisible by it.
@@ -266,7 +323,7 @@ class InvertibleDownsampling(keras.layers.Layer):
 
     def __init__(self, pool_size=2, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(pool_size, int) or pool_size < 1:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be a positive int, got {pool_size!r}.")
         self.pool_size = pool_size
 
@@ -280,12 +337,20 @@ class InvertibleDownsampling(keras.layers.Layer):
                 )
 
     def call(self, x):
-        return tf.nn.space_to_depth(x, self.pool_size)
+        _, h, w, c = x.shape
+        p = self.pool_size
+        blocks = ops.reshape(x, (-1, h // p, p, w // p, p, c))
+        blocks = ops.transpose(blocks, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(blocks, (-1, h // p, w // p, p * p * c))
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
         p = self.pool_size
         return (b, h // p, w // p, c * p * p)
+
+    def guaranteed_bound(self):
+        """A permutation of coordinates: exactly 1."""
+        return 1.0
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size}
@@ -312,10 +377,99 @@ class Scaling(keras.layers.Layer):
         self.scale = float(scale)
 
     def call(self, x):
-        return x * tf.cast(self.scale, x.dtype)
+        return x * ops.cast(self.scale, x.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def guaranteed_bound(self):
+        """`abs(scale)`."""
+        return abs(self.scale)
+
     def get_config(self):
         return {**super().get_config(), "scale": self.scale}
+
+
+# ------------------------------------------------- plain Keras layers
+
+
+def _relu_bound(layer):
+    if float(layer.negative_slope) > 1.0:
+        raise ValueError(
+            f"Layer '{layer.name}' is a ReLU with negative_slope="
+            f"{layer.negative_slope} > 1, which gloro does not bound. Use "
+            "a slope in [0, 1] or gloro.layers.MinMax."
+        )
+    return 1.0
+
+
+def _check_channels_last(layer):
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise ValueError(
+            f"Layer '{layer.name}' uses data_format='channels_first'; gloro "
+            "bounds channels_last layers only."
+        )
+
+
+def _average_pooling_bound(layer):
+    _check_channels_last(layer)
+    return lipschitz.average_pooling_bound(
+        layer.pool_size, layer.strides, layer.padding, tuple(layer.input.shape[1:])
+    )
+
+
+def _max_pooling_bound(layer):
+    _check_channels_last(layer)
+    return lipschitz.max_pooling_bound(layer.pool_size, layer.strides)
+
+
+# The known bounds of Keras' own layers, by class (subclasses included).
+KERAS_LAYER_BOUNDS = {
+    keras.layers.InputLayer: lambda layer: 1.0,
+    keras.layers.Flatten: lambda layer: 1.0,
+    keras.layers.Reshape: lambda layer: 1.0,
+    keras.layers.ReLU: _relu_bound,
+    keras.layers.Activation: activation_bound,
+    keras.layers.AveragePooling2D: _average_pooling_bound,
+    keras.layers.MaxPooling2D: _max_pooling_bound,
+}
+
+_REFUSAL_HINTS = {
+    keras.layers.BatchNormalization: (
+        " Batch statistics make its bound meaningless during training; remove "
+        "it (orthogonal initialisation and MinMax train well without it)."
+    ),
+    keras.layers.Softmax: " GloroNet needs logits: remove the softmax.",
+    keras.layers.Dropout: " Dropout rescales activations during training; remove it.",
+}
+
+
+def layer_bound(layer):
+    """Guaranteed Lipschitz bound of a built layer on its input shape.
+
+    A gloro layer (or any layer with a `guaranteed_bound()` method) answers
+    itself; Keras' own layers are looked up in `KERAS_LAYER_BOUNDS`.
+
+    Args:
+        layer: a built Keras layer.
+
+    Returns:
+        float.
+
+    Raises:
+        ValueError: the layer's bound is not known; the message names the
+            layer and says what to use instead.
+    """
+    if hasattr(layer, "guaranteed_bound"):
+        return float(layer.guaranteed_bound())
+    for cls, bound in KERAS_LAYER_BOUNDS.items():
+        if isinstance(layer, cls):
+            return float(bound(layer))
+    hint = next((h for cls, h in _REFUSAL_HINTS.items() if isinstance(layer, cls)), "")
+    raise ValueError(
+        f"Layer '{layer.name}' ({type(layer).__name__}) has no Lipschitz bound "
+        f"that gloro knows.{hint} Use the layers of gloro.layers (Dense, "
+        "Conv2D, MinMax, ReLU, Flatten, Reshape, AveragePooling2D, "
+        "MaxPooling2D, InvertibleDownsampling, Scaling), or give your layer "
+        "a guaranteed_bound() method (see gloro.layers)."
+    )

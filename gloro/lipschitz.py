@@ -1,214 +1,212 @@
-"""Lipschitz bounds in the L2 norm: the one place where this math lives.
+"""Lipschitz bounds in the L2 norm: the math, with no knowledge of layers.
 
 Two kinds of numbers come out of this module:
 
 * **Estimates** (`power_step`, `power_converge`): power iteration on a linear
-  operator. Cheap enough to run once per training step and differentiable,
-  but they approach the spectral norm from *below*: `||A v|| <= sigma_max(A)`
-  for every unit `v`. They drive training and are never used to certify.
-* **Guaranteed bounds** (`dense_bound`, `conv_bound`, `pooling_bound`,
-  `static_bound`): numbers proven to be at least the operator norm of the layer
-  on its real input shape, computed in float64 and then inflated by
-  `SAFETY_FACTOR`. Certificates are built only from these.
+  operator, written with `keras.ops` so that it runs on every backend. Cheap
+  enough to run once per training step and differentiable, but it approaches
+  the spectral norm from *below* (`||A v|| <= sigma_max(A)` for every unit
+  `v`). Estimates drive training and never certify anything.
+* **Guaranteed bounds** (`dense_bound`, `conv_bound`, `average_pooling_bound`,
+  `max_pooling_bound`, `pairwise_column_distances`): numbers proven to be at
+  least the operator norm on the real input shape. They are computed in NumPy
+  float64, never in a backend, so every backend certifies with the same
+  constants; the results of floating-point algorithms are multiplied by
+  `SAFETY_FACTOR` (`inflate`), and `round_up_float32` is the one place where a
+  bound is stored in float32.
 
-Why `SAFETY_FACTOR = 1 + 1e-5` suffices: the float64 SVDs and FFTs below are
-backward stable, with relative errors of order `n * 2**-52` (below 1e-11 for
-every size a layer can have here); the factor also absorbs the float32 storage
-of the product (relative error 2**-24 per rounding, and the final rounding is
-made upward anyway). The float32 rounding of the margin test itself is covered
-by `gloro.certificates.MARGIN_SLACK`.
+Why `SAFETY_FACTOR = 1 + 1e-5` is enough: the float64 SVDs, symmetric
+eigenvalue solvers and FFTs used here are backward stable, and forming a Gram
+matrix of side `n <= MAX_MATERIALISED_DIM` perturbs it by at most about
+`n**2 * 2**-53` of its norm; every computed norm is therefore within about
+1e-9 (relative) of the exact one, four orders of magnitude inside the factor,
+which also absorbs the float64 products of a few such numbers. The float32
+rounding of the margin test itself is handled by
+`gloro.certificates.MARGIN_SLACK`.
+
+Convolutions follow Keras' conventions: kernels `(kh, kw, cin, cout)`, data
+`channels_last`, and "same" padding that puts `total // 2` zeros before the
+input and the rest (the odd one, if any) after it.
 """
 
 import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 SAFETY_FACTOR = 1.0 + 1e-5
 
 # Above this many input (or output) dimensions, materialising a convolution as
-# a matrix for an exact SVD costs more than it is worth; the FFT bound is used.
+# a matrix for an exact norm costs more than it is worth, and only the FFT
+# bound is used.
 MAX_MATERIALISED_DIM = 2048
+# Largest number of entries of a materialised matrix (128 MiB in float64).
+MAX_MATERIALISED_ENTRIES = 2**24
 
-# Power iteration stops when the estimate moves by less than this (relative).
+# Power iteration stops when the estimate moves by less than this (relative)
+# over one call of the convergence step.
 CONVERGENCE_TOLERANCE = 1e-7
 MAX_CONVERGENCE_ITERATIONS = 5000
-
-# Activations a Dense/Conv2D layer may carry, with their Lipschitz constants.
-ACTIVATION_BOUNDS = {"linear": 1.0, "relu": 1.0}
-
-
-def activation_bound(layer):
-    """Lipschitz constant of the `activation` argument of a Dense/Conv2D layer.
-
-    Args:
-        layer: a layer with an `activation` attribute.
-
-    Returns:
-        float, the bound.
-
-    Raises:
-        ValueError: the activation's bound is not known.
-    """
-    name = keras.activations.serialize(layer.activation)
-    if isinstance(name, dict):
-        name = name.get("config", {}).get("name", name.get("class_name"))
-    if name not in ACTIVATION_BOUNDS:
-        raise ValueError(
-            f"Layer '{layer.name}' uses activation {name!r}, whose Lipschitz "
-            f"bound gloro does not know. Use one of {sorted(ACTIVATION_BOUNDS)}"
-            " (or put a gloro.layers.MinMax layer after it)."
-        )
-    return ACTIVATION_BOUNDS[name]
+# Iterations one call of the convergence step takes (see `power_converge`).
+CONVERGENCE_STEP_ITERATIONS = 10
 
 
-# ---------------------------------------------------------------- operators
+# ------------------------------------------------------------------ rounding
 
 
-class DenseOperator:
-    """`x -> x @ kernel` as a linear operator on row vectors."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def apply(self, v):
-        return tf.matmul(v, self.kernel)
-
-    def transpose(self, u):
-        return tf.matmul(u, self.kernel, transpose_b=True)
-
-
-class ConvOperator:
-    """A 2-D convolution (no bias) on a fixed `(1, h, w, c)` input shape."""
-
-    def __init__(self, kernel, input_shape, strides, padding, dilation_rate):
-        self.kernel = kernel
-        self.input_shape = tuple(input_shape)
-        self.strides = tuple(strides)
-        self.padding = padding.upper()
-        self.dilation_rate = tuple(dilation_rate)
-
-    def apply(self, v):
-        return tf.nn.conv2d(
-            v,
-            self.kernel,
-            strides=self.strides,
-            padding=self.padding,
-            dilations=self.dilation_rate,
-        )
-
-    def transpose(self, u):
-        return tf.nn.conv2d_transpose(
-            u,
-            self.kernel,
-            output_shape=self.input_shape,
-            strides=self.strides,
-            padding=self.padding,
-            dilations=self.dilation_rate,
-        )
-
-
-def _normalize(w, fallback):
-    # No epsilon in the denominator: it would bias the estimate down for small
-    # weights. A zero vector (zero kernel) keeps the previous direction.
-    norm = tf.norm(w)
-    return tf.where(norm > 0, w / tf.where(norm > 0, norm, 1.0), fallback)
-
-
-def power_step(operator, v, iterations=1):
-    """Advances power iteration on `operator` from the unit vector `v`.
+def inflate(value):
+    """Multiplies a computed bound by `SAFETY_FACTOR`.
 
     Args:
-        operator: a `DenseOperator` or `ConvOperator`.
-        v: current unit vector, shaped like the operator's input.
-        iterations: number of `v <- A^T A v / ||A^T A v||` steps.
+        value: a non-negative number or array, computed in float64.
 
     Returns:
-        `(sigma, v)`: the new vector (gradient stopped) and the estimate
-        `sigma = ||A v||`, through which gradients flow to the kernel. The
-        estimate is a lower bound of the spectral norm.
+        float for a scalar, float64 ndarray for an array.
     """
-    v = tf.stop_gradient(v)
-    for _ in range(iterations):
-        v = _normalize(operator.transpose(operator.apply(v)), v)
-    v = tf.stop_gradient(v)
-    return tf.norm(operator.apply(v)), v
+    if np.ndim(value) == 0:
+        return float(value) * SAFETY_FACTOR
+    return np.asarray(value, np.float64) * SAFETY_FACTOR
 
 
-def power_converge(step, v):
-    """Runs power iteration until the estimate stops moving.
+def round_up_float32(value):
+    """The smallest float32 that is at least `value`, elementwise.
+
+    Casting to float32 rounds to nearest, which can go down; a bound stored
+    that way could under-state the true one. Values beyond the float32 range
+    become `inf`, which is still an upper bound.
 
     Args:
-        step: a function `v -> (sigma, v)` taking 10 `power_step`
-            iterations on the current kernel (compiled once by the caller:
-            a new `tf.function` per call would retrace every time).
-        v: starting unit vector.
+        value: a float or array of floats (converted to float64 first).
 
     Returns:
-        `(sigma, v)` as numpy float and tensor.
+        `np.float32` for a scalar, float32 ndarray for an array.
     """
-    sigma, previous = 0.0, -1.0
-    for _ in range(MAX_CONVERGENCE_ITERATIONS // 10):
-        sigma_t, v = step(v)
-        sigma = float(sigma_t)
-        if abs(sigma - previous) <= CONVERGENCE_TOLERANCE * sigma:
-            break
-        previous = sigma
-    return sigma, v
+    exact = np.asarray(value, np.float64)
+    with np.errstate(over="ignore"):
+        stored = exact.astype(np.float32)
+    # The float32 -> float64 widening in the comparison is exact.
+    stored = np.where(stored < exact, np.nextafter(stored, np.float32(np.inf)), stored)
+    stored = stored.astype(np.float32)
+    return stored[()] if stored.ndim == 0 else stored
+
+
+# --------------------------------------------------------- shapes, padding
+
+
+def _pair(value):
+    if np.ndim(value) == 0:
+        return (int(value), int(value))
+    return tuple(int(v) for v in value)
+
+
+def _window_geometry(size, window, stride, padding):
+    """Output length and zeros added before the input, along one axis.
+
+    Args:
+        size: input length.
+        window: extent of the (dilated) kernel or pooling window.
+        stride: step between windows.
+        padding: `"same"` or `"valid"`.
+
+    Returns:
+        `(out, pad_before)`. Output `i` reads padded positions
+        `i * stride + t` for `0 <= t < window`, that is input positions
+        `i * stride + t - pad_before`.
+    """
+    padding = padding.lower()
+    if padding == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + window - size, 0)
+        return out, total // 2
+    if padding == "valid":
+        return max(-(-(size - window + 1) // stride), 0), 0
+    raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}.")
+
+
+def _conv_geometry(kernel_shape, input_shape, strides, padding, dilation_rate):
+    """`_window_geometry` of a convolution, for each of the two spatial axes."""
+    return [
+        _window_geometry(size, (taps - 1) * d + 1, s, padding)
+        for size, taps, d, s in zip(
+            input_shape[:2], kernel_shape[:2], _pair(dilation_rate), _pair(strides)
+        )
+    ]
 
 
 # --------------------------------------------------------- guaranteed bounds
 
 
-def _inflate(value):
-    return float(value) * SAFETY_FACTOR
+def _matrix_norm(matrix):
+    """Largest singular value of a float64 matrix.
+
+    The Gram matrix of the smaller side has `sigma_max**2` as its top
+    eigenvalue and is much cheaper to decompose than the matrix itself.
+    """
+    if matrix.size == 0:
+        return 0.0
+    if matrix.shape[0] > matrix.shape[1]:
+        matrix = matrix.T
+    top = np.linalg.eigvalsh(matrix @ matrix.T)[-1]
+    return math.sqrt(max(float(top), 0.0))
 
 
 def dense_bound(kernel):
-    """Guaranteed bound of `||x @ kernel||` over unit `x`: the exact largest
-    singular value in float64, inflated by `SAFETY_FACTOR`.
+    """Guaranteed bound of `x -> x @ kernel` over unit `x`.
 
     Args:
         kernel: array `(k_in, k_out)`.
 
     Returns:
-        float.
+        float, the largest singular value computed in float64, inflated.
     """
-    kernel = np.asarray(kernel, dtype=np.float64)
-    return _inflate(np.linalg.norm(kernel, 2))
+    kernel = np.asarray(kernel, np.float64)
+    return inflate(np.linalg.norm(kernel, 2))
 
 
-def pairwise_column_distances(kernel):
-    """`D[j, i] = ||kernel[:, j] - kernel[:, i]||_2`, exactly, in float64.
+def conv_matrix(kernel, input_shape, strides, padding, dilation_rate):
+    """The matrix of a zero-padded 2-D convolution (no bias) on one input.
+
+    Built directly from the kernel taps: output position `(i, j)` and tap
+    `(a, b)` read input position `(i * sh + a * dh - pad_top,
+    j * sw + b * dw - pad_left)`; taps that land in the padding contribute
+    nothing.
 
     Args:
-        kernel: array `(k, m)`, the logits layer's kernel.
+        kernel: array `(kh, kw, cin, cout)`.
+        input_shape: `(h, w, cin)`.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        dilation_rate: `(dh, dw)` or an int.
 
     Returns:
-        float64 array `(m, m)`, inflated by `SAFETY_FACTOR`.
+        float64 array `(h * w * cin, oh * ow * cout)` such that the flattened
+        output is `x.reshape(-1) @ matrix`.
     """
-    kernel = np.asarray(kernel, dtype=np.float64)
-    diff = kernel[:, :, None] - kernel[:, None, :]
-    return np.sqrt(np.sum(diff * diff, axis=0)) * SAFETY_FACTOR
+    kernel = np.asarray(kernel, np.float64)
+    kh, kw, cin, cout = kernel.shape
+    h, w = input_shape[:2]
+    (sh, sw), (dh, dw) = _pair(strides), _pair(dilation_rate)
+    (oh, top), (ow, left) = _conv_geometry(
+        kernel.shape, input_shape, strides, padding, dilation_rate
+    )
+    matrix = np.zeros((h * w, cin, oh * ow, cout))
+    out_rows, out_cols = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
+    out_rows, out_cols = out_rows.ravel(), out_cols.ravel()
+    for a in range(kh):
+        for b in range(kw):
+            rows = out_rows * sh + a * dh - top
+            cols = out_cols * sw + b * dw - left
+            inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+            source = rows[inside] * w + cols[inside]
+            target = out_rows[inside] * ow + out_cols[inside]
+            # For a fixed output position distinct taps read distinct inputs,
+            # so no (input, output) pair is written twice by the same tap.
+            matrix[source, :, target, :] += kernel[a, b]
+    return matrix.reshape(h * w * cin, oh * ow * cout)
 
 
-def pairwise_column_distances_tf(kernel):
-    """Differentiable float32 version of `pairwise_column_distances`, for
-    training (no inflation; the identity keeps the square root's gradient
-    finite on the zero diagonal)."""
-    diff = kernel[:, :, None] - kernel[:, None, :]
-    eye = tf.eye(tf.shape(kernel)[1], dtype=kernel.dtype)
-    return tf.sqrt(tf.reduce_sum(diff * diff, axis=0) + eye) - eye
-
-
-def _same_padding(size, kernel, stride):
-    out = -(-size // stride)
-    return max((out - 1) * stride + kernel - size, 0)
-
-
-def _dilate(kernel, dilation_rate):
-    dh, dw = dilation_rate
+def _dilate_numpy(kernel, dilation_rate):
+    dh, dw = _pair(dilation_rate)
     kh, kw, cin, cout = kernel.shape
     dilated = np.zeros(((kh - 1) * dh + 1, (kw - 1) * dw + 1, cin, cout))
     dilated[::dh, ::dw] = kernel
@@ -216,207 +214,358 @@ def _dilate(kernel, dilation_rate):
 
 
 def circular_conv_bound(kernel, input_shape, strides, padding, dilation_rate):
-    """Norm of the *circular* convolution on the padded grid, which bounds the
-    zero-padded convolution from above.
+    """Spectral norm of the *circular* convolution on a grid that contains the
+    padded input: an upper bound for the zero-padded convolution.
 
-    The zero-padded input embeds isometrically into a circular grid of size
-    `N >= padded size` (a multiple of the stride), where no kernel tap of a
-    kept output wraps around; the real output is a crop (a contraction) of the
-    circular one. Strides become a stride-1 convolution over space-to-depth
-    blocks (the polyphase form), whose singular values are exactly those of the
-    per-frequency matrices of its 2-D DFT (Sedghi et al., 2019).
+    Why it bounds the real operator: write the zero-padded input on a
+    periodic grid of size `N` per axis, with `N` a multiple of the stride and
+    at least the padded size. Placing the input into that grid is an
+    isometry, and no tap of an output that Keras keeps reaches past the padded
+    input, so it never wraps around; the real output is therefore a crop of
+    the circular output, and cropping cannot increase the norm. The strided
+    circular convolution equals a stride-1 circular convolution over
+    space-to-depth blocks of the input (polyphase form); its singular values
+    are those of the `cin*sh*sw x cout` matrices obtained by a 2-D DFT of the
+    block kernel (Sedghi, Gupta and Long, 2019), computed here in float64.
+
+    Args:
+        kernel: array `(kh, kw, cin, cout)`.
+        input_shape: `(h, w, cin)`.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        dilation_rate: `(dh, dw)` or an int.
 
     Returns:
         float, not inflated.
     """
-    kernel = _dilate(np.asarray(kernel, np.float64), dilation_rate)
+    kernel = _dilate_numpy(np.asarray(kernel, np.float64), dilation_rate)
     kh, kw, cin, cout = kernel.shape
-    grids = []
-    for size, k, s in zip(input_shape[:2], (kh, kw), strides):
-        pad = _same_padding(size, k, s) if padding == "same" else 0
-        padded = size + pad
-        grids.append(-(-padded // s))
-    (mh, mw), (sh, sw) = grids, strides
+    sh, sw = _pair(strides)
+    grid = []
+    for size, window, stride in zip(input_shape[:2], (kh, kw), (sh, sw)):
+        out, _ = _window_geometry(size, window, stride, padding)
+        # The padded input: everything the windows read, or the whole input
+        # if they read less of it ("valid" with a stride that skips the end).
+        padded = max(size, (out - 1) * stride + window)
+        grid.append(-(-padded // stride))
+    grid_h, grid_w = grid
     blocks_h, blocks_w = -(-kh // sh), -(-kw // sw)
     poly = np.zeros((blocks_h * sh, blocks_w * sw, cin, cout))
     poly[:kh, :kw] = kernel
     poly = poly.reshape(blocks_h, sh, blocks_w, sw, cin, cout)
-    poly = poly.transpose(0, 2, 1, 3, 4, 5).reshape(
-        blocks_h, blocks_w, sh * sw * cin, cout
-    )
-    # A kernel larger than the grid wraps onto itself; summing the wrapped
-    # taps is exactly what the circular operator does.
-    folded = np.zeros((mh, mw, sh * sw * cin, cout))
+    poly = poly.transpose(0, 2, 1, 3, 4, 5).reshape(blocks_h, blocks_w, sh * sw * cin, cout)
+    # A block kernel larger than the grid wraps onto itself; adding the
+    # wrapped blocks is exactly what the circular operator does.
+    folded = np.zeros((grid_h, grid_w, sh * sw * cin, cout))
     for a in range(blocks_h):
         for b in range(blocks_w):
-            folded[a % mh, b % mw] += poly[a, b]
+            folded[a % grid_h, b % grid_w] += poly[a, b]
     spectrum = np.fft.fft2(folded, axes=(0, 1)).reshape(-1, sh * sw * cin, cout)
     return float(np.max(np.linalg.svd(spectrum, compute_uv=False)))
-
-
-def materialised_matrix(apply_fn, input_shape):
-    """The matrix of a linear map on `input_shape`, one basis vector per row.
-
-    Args:
-        apply_fn: maps a float64 batch `(n,) + input_shape` to outputs.
-        input_shape: shape of one input, without batch axis.
-
-    Returns:
-        float64 array `(prod(input_shape), prod(output_shape))`.
-    """
-    dim = int(np.prod(input_shape))
-    basis = tf.reshape(tf.eye(dim, dtype=tf.float64), (dim,) + tuple(input_shape))
-    return tf.reshape(apply_fn(basis), (dim, -1)).numpy()
-
-
-def _matrix_norm(matrix):
-    # The Gram matrix of the smaller side has the same top eigenvalue as
-    # sigma_max^2 and is much cheaper than a full SVD.
-    if matrix.shape[0] > matrix.shape[1]:
-        matrix = matrix.T
-    eig = np.linalg.eigvalsh(matrix @ matrix.T)
-    return math.sqrt(max(float(eig[-1]), 0.0))
 
 
 def conv_bound(kernel, input_shape, strides, padding, dilation_rate):
     """Guaranteed bound of a convolution's operator norm on its input shape.
 
-    The tightest of the sound bounds implemented: the exact norm of the
-    materialised operator when it is small enough, and the circular-convolution
-    bound (`circular_conv_bound`) always. Inflated by `SAFETY_FACTOR`.
+    The smaller of two sound bounds: the exact norm of the materialised
+    operator (`conv_matrix`) when it is small enough, and the circular bound
+    (`circular_conv_bound`) always. Computed in NumPy float64, inflated.
 
     Args:
         kernel: array `(kh, kw, cin, cout)`.
         input_shape: `(h, w, cin)`.
-        strides: `(sh, sw)`.
+        strides: `(sh, sw)` or an int.
         padding: `"same"` or `"valid"`.
-        dilation_rate: `(dh, dw)`.
+        dilation_rate: `(dh, dw)` or an int.
 
     Returns:
         float.
     """
+    kernel = np.asarray(kernel, np.float64)
     bound = circular_conv_bound(kernel, input_shape, strides, padding, dilation_rate)
-    kernel64 = tf.constant(np.asarray(kernel, np.float64))
-    out_h, out_w = _conv_output_size(kernel.shape, input_shape, strides, padding, dilation_rate)
+    (oh, _), (ow, _) = _conv_geometry(
+        kernel.shape, input_shape, strides, padding, dilation_rate
+    )
     in_dim = int(np.prod(input_shape))
-    out_dim = out_h * out_w * kernel.shape[-1]
-    if min(in_dim, out_dim) <= MAX_MATERIALISED_DIM and in_dim * out_dim <= 2**24:
-        matrix = materialised_matrix(
-            lambda x: tf.nn.conv2d(
-                x, kernel64, strides=strides, padding=padding.upper(), dilations=dilation_rate
-            ),
-            input_shape,
-        )
+    out_dim = oh * ow * kernel.shape[-1]
+    if (
+        min(in_dim, out_dim) <= MAX_MATERIALISED_DIM
+        and in_dim * out_dim <= MAX_MATERIALISED_ENTRIES
+    ):
+        matrix = conv_matrix(kernel, input_shape, strides, padding, dilation_rate)
         bound = min(bound, _matrix_norm(matrix))
-    return _inflate(bound)
+    return inflate(bound)
 
 
-def _conv_output_size(kernel_shape, input_shape, strides, padding, dilation_rate):
-    sizes = []
-    for size, k, s, d in zip(input_shape[:2], kernel_shape[:2], strides, dilation_rate):
-        effective = (k - 1) * d + 1
-        if padding == "same":
-            sizes.append(-(-size // s))
-        else:
-            sizes.append(max(-(-(size - effective + 1) // s), 0))
-    return sizes
+def _average_pooling_matrix_1d(size, pool, stride, padding):
+    """The averaging matrix `(out, size)` of 1-D average pooling.
+
+    Each window is divided by the number of real (non-padding) inputs it
+    covers, as Keras' average pooling does with "same" padding on every
+    backend; "valid" windows are always full.
+    """
+    out, pad_before = _window_geometry(size, pool, stride, padding)
+    matrix = np.zeros((out, size))
+    for i in range(out):
+        start = i * stride - pad_before
+        lo, hi = max(start, 0), min(start + pool, size)
+        matrix[i, lo:hi] = 1.0 / (hi - lo)
+    return matrix
 
 
 def average_pooling_bound(pool_size, strides, padding, input_shape):
-    """Guaranteed bound of average pooling on `input_shape`.
+    """Guaranteed bound of 2-D average pooling on `input_shape`.
 
-    `||A||_2 <= sqrt(||A||_1 ||A||_inf)`, with the largest column and row sums
-    of the (non-negative) averaging matrix computed exactly as `A^T 1` and
-    `A 1`. For non-overlapping windows this is the exact norm
-    `1 / sqrt(ph * pw)`.
+    A rectangular window meets the (rectangular) input in a rectangle, so the
+    number of real inputs it averages is the product of the counts along each
+    axis, and the operator is the Kronecker product `A_h (x) A_w (x) I_c` of
+    the 1-D averaging matrices. The spectral norm of a Kronecker product is
+    the product of the norms, so this is the exact norm (computed in float64,
+    inflated); for non-overlapping windows it is `1 / sqrt(ph * pw)`.
+
+    Args:
+        pool_size: `(ph, pw)` or an int.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        input_shape: `(h, w, c)`.
 
     Returns:
         float.
     """
-    x = tf.ones((1,) + tuple(input_shape), tf.float64)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = tf.nn.avg_pool2d(x, pool_size, strides, padding.upper())
-    column_sums = tape.gradient(y, x)
-    row_sums = y
-    return _inflate(
-        math.sqrt(float(tf.reduce_max(column_sums)) * float(tf.reduce_max(row_sums)))
-    )
+    norm = 1.0
+    for size, pool, stride in zip(input_shape[:2], _pair(pool_size), _pair(strides)):
+        norm *= _matrix_norm(_average_pooling_matrix_1d(size, pool, stride, padding))
+    return inflate(norm)
 
 
 def max_pooling_bound(pool_size, strides):
     """Bound of max pooling: `sqrt` of the most windows one input can sit in.
 
-    Each window's max moves by at most the largest change inside it, so the
-    squared output change is at most the squared input change counted once
-    per window containing it.
+    The maximum of a window moves by at most the largest change inside that
+    window, so the squared change of the output is at most the sum of the
+    squared input changes, each counted once per window that contains it.
+    Along an axis an input belongs to at most `ceil(p / s)` windows.
 
-    Returns:
-        float.
-    """
-    (ph, pw), (sh, sw) = pool_size, strides
-    return math.sqrt(math.ceil(ph / sh) * math.ceil(pw / sw))
-
-
-def static_bound(layer):
-    """Guaranteed bound of a layer without a spectral-norm cache.
+    The count is an exact integer; its square root is exact when the count is
+    a perfect square (1 for non-overlapping windows) and otherwise the next
+    float above the correctly rounded root, which is at least the true root.
 
     Args:
-        layer: a built Keras layer.
+        pool_size: `(ph, pw)` or an int.
+        strides: `(sh, sw)` or an int.
 
     Returns:
         float.
-
-    Raises:
-        ValueError: the layer's bound is not known; the message names the
-            layer and says what to use instead.
     """
-    from gloro import layers as gloro_layers
+    (ph, pw), (sh, sw) = _pair(pool_size), _pair(strides)
+    windows = -(-ph // sh) * -(-pw // sw)
+    root = math.isqrt(windows)
+    if root * root == windows:
+        return float(root)
+    return math.nextafter(math.sqrt(windows), math.inf)
 
-    if isinstance(layer, (keras.layers.InputLayer, keras.layers.Flatten,
-                          keras.layers.Reshape, gloro_layers.MinMax,
-                          gloro_layers.InvertibleDownsampling)):
-        return 1.0
-    if isinstance(layer, gloro_layers.Scaling):
-        return abs(float(layer.scale))
-    if isinstance(layer, keras.layers.ReLU):
-        if float(layer.negative_slope) > 1.0:
-            raise ValueError(
-                f"Layer '{layer.name}' is a ReLU with negative_slope="
-                f"{layer.negative_slope} > 1, which gloro does not bound. Use "
-                "a slope in [0, 1] or gloro.layers.MinMax."
+
+def pairwise_column_distances(kernel):
+    """`D[j, i] = ||kernel[:, j] - kernel[:, i]||_2` in float64.
+
+    Args:
+        kernel: array `(k, m)`, the logits layer's kernel.
+
+    Returns:
+        float64 array `(m, m)`, inflated.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    diff = kernel[:, :, None] - kernel[:, None, :]
+    return inflate(np.sqrt(np.sum(diff * diff, axis=0)))
+
+
+def pairwise_column_distances_ops(kernel):
+    """Differentiable version of `pairwise_column_distances` for training.
+
+    Not inflated, in the kernel's dtype. The square root has an infinite
+    derivative at zero; adding the identity inside it (and removing it
+    outside) keeps the gradient finite on the diagonal, where the distance
+    is always zero.
+
+    Args:
+        kernel: tensor `(k, m)`.
+
+    Returns:
+        tensor `(m, m)`.
+    """
+    diff = keras.ops.expand_dims(kernel, 2) - keras.ops.expand_dims(kernel, 1)
+    eye = keras.ops.eye(kernel.shape[1], dtype=kernel.dtype)
+    return keras.ops.sqrt(keras.ops.sum(diff * diff, axis=0) + eye) - eye
+
+
+# ---------------------------------------------------------------- operators
+
+
+class DenseOperator:
+    """`x -> x @ kernel` as a linear operator on row vectors, in `keras.ops`.
+
+    Args:
+        kernel: tensor `(k_in, k_out)`.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def apply(self, v):
+        """`v @ kernel` for `v` of shape `(1, k_in)`."""
+        return keras.ops.matmul(v, self.kernel)
+
+    def transpose(self, u):
+        """The adjoint: `u @ kernel^T` for `u` of shape `(1, k_out)`."""
+        return keras.ops.matmul(u, keras.ops.transpose(self.kernel))
+
+    def stop_gradient(self):
+        """The same operator with its kernel cut from the gradient."""
+        return DenseOperator(keras.ops.stop_gradient(self.kernel))
+
+
+def _dilate_ops(kernel, dilation_rate):
+    """Inserts `d - 1` zeros between taps, with `keras.ops` so that gradients
+    reach the original taps."""
+    dh, dw = dilation_rate
+    if (dh, dw) == (1, 1):
+        return kernel
+    kh, kw, cin, cout = kernel.shape
+    spread = keras.ops.reshape(kernel, (kh, 1, kw, 1, cin, cout))
+    spread = keras.ops.pad(spread, [(0, 0), (0, dh - 1), (0, 0), (0, dw - 1), (0, 0), (0, 0)])
+    spread = keras.ops.reshape(spread, (kh * dh, kw * dw, cin, cout))
+    return spread[: (kh - 1) * dh + 1, : (kw - 1) * dw + 1]
+
+
+class ConvOperator:
+    """A 2-D convolution (no bias) on a fixed `(1, h, w, c)` input, in
+    `keras.ops`.
+
+    The dilation is applied to the kernel explicitly (zeros between taps) and
+    every convolution runs with dilation 1: TensorFlow's CPU kernels have no
+    dilated transposed convolution, and a single kernel for both directions
+    keeps `transpose` the exact adjoint of `apply`.
+
+    Args:
+        kernel: tensor `(kh, kw, cin, cout)`.
+        input_shape: `(1, h, w, cin)`.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        dilation_rate: `(dh, dw)` or an int.
+    """
+
+    def __init__(self, kernel, input_shape, strides, padding, dilation_rate):
+        self.kernel = kernel
+        self.input_shape = tuple(input_shape)
+        self.strides = _pair(strides)
+        self.padding = padding.lower()
+        self.dilation_rate = _pair(dilation_rate)
+        self._dilated = _dilate_ops(kernel, self.dilation_rate)
+        # Zeros the forward pass adds before the input, per axis.
+        self._pad_before = tuple(
+            _window_geometry(size, window, stride, self.padding)[1]
+            for size, window, stride in zip(
+                self.input_shape[1:3], self._dilated.shape[:2], self.strides
             )
-        return 1.0
-    if isinstance(layer, keras.layers.Activation):
-        return activation_bound(layer)
-    if isinstance(layer, keras.layers.AveragePooling2D):
-        _check_channels_last(layer)
-        return average_pooling_bound(
-            layer.pool_size, layer.strides, layer.padding, layer.input.shape[1:]
         )
-    if isinstance(layer, keras.layers.MaxPooling2D):
-        _check_channels_last(layer)
-        return max_pooling_bound(layer.pool_size, layer.strides)
-    hint = ""
-    if isinstance(layer, keras.layers.BatchNormalization):
-        hint = (" Batch statistics make its bound meaningless during training;"
-                " remove it (orthogonal initialisation and MinMax train well"
-                " without it).")
-    elif isinstance(layer, keras.layers.Softmax):
-        hint = " GloroNet needs logits: remove the softmax."
-    elif isinstance(layer, keras.layers.Dropout):
-        hint = " Dropout rescales activations during training; remove it."
-    raise ValueError(
-        f"Layer '{layer.name}' ({type(layer).__name__}) has no Lipschitz bound "
-        f"that gloro knows.{hint} Use the layers of gloro.layers (Dense, "
-        "Conv2D, MinMax, ReLU, Flatten, Reshape, AveragePooling2D, "
-        "MaxPooling2D, InvertibleDownsampling, Scaling)."
-    )
+
+    def apply(self, v):
+        """The convolution of `v`, shaped `input_shape`."""
+        return keras.ops.conv(v, self._dilated, strides=self.strides, padding=self.padding)
+
+    def transpose(self, u):
+        """The adjoint of `apply`, for `u` shaped like its output.
+
+        A forward pass is a "valid" convolution of the zero-padded input, so
+        its adjoint is the "valid" transposed convolution (which scatters each
+        output back over the padded grid) followed by the adjoint of the zero
+        padding, a crop. Keras may return a padded grid shorter than the
+        input (rows no window reads) or longer (trailing rows no window
+        writes, when the kernel is smaller than the stride); both are zero
+        in the adjoint, hence the padding at the end before cropping.
+        """
+        grid = keras.ops.conv_transpose(
+            u, self._dilated, strides=self.strides, padding="valid"
+        )
+        (h, w), (top, left) = self.input_shape[1:3], self._pad_before
+        extra_h = max(top + h - grid.shape[1], 0)
+        extra_w = max(left + w - grid.shape[2], 0)
+        if extra_h or extra_w:
+            grid = keras.ops.pad(grid, [(0, 0), (0, extra_h), (0, extra_w), (0, 0)])
+        return grid[:, top : top + h, left : left + w, :]
+
+    def stop_gradient(self):
+        """The same operator with its kernel cut from the gradient."""
+        return ConvOperator(
+            keras.ops.stop_gradient(self.kernel),
+            self.input_shape,
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+        )
 
 
-def _check_channels_last(layer):
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        raise ValueError(
-            f"Layer '{layer.name}' uses data_format='channels_first'; gloro "
-            "bounds channels_last layers only."
-        )
+# ------------------------------------------------------------ power iteration
+
+
+def _norm(x):
+    # sqrt has an infinite derivative at 0 (a zero kernel): there the
+    # gradient is taken as 0 instead of NaN.
+    squares = keras.ops.sum(keras.ops.square(x))
+    positive = squares > 0
+    return keras.ops.where(positive, keras.ops.sqrt(keras.ops.where(positive, squares, 1.0)), 0.0)
+
+
+def _normalize(w, fallback):
+    # No epsilon in the denominator: it would bias the estimate down for small
+    # weights. A zero vector (zero kernel) keeps the previous direction.
+    norm = _norm(w)
+    return keras.ops.where(norm > 0, w / keras.ops.where(norm > 0, norm, 1.0), fallback)
+
+
+def power_step(operator, v, iterations=1):
+    """Advances power iteration on `operator` from the unit vector `v`.
+
+    The iterations run on a copy of the operator whose kernel is cut from the
+    gradient, so no second-order graph is built; the gradient reaches the
+    kernel only through `sigma = ||A v||` with the new `v` held constant.
+
+    Args:
+        operator: a `DenseOperator` or `ConvOperator`.
+        v: current unit vector, shaped like the operator's input.
+        iterations: number of `v <- A^T A v / ||A^T A v||` steps.
+
+    Returns:
+        `(sigma, v)`: the estimate (a scalar tensor, at most the spectral
+        norm up to float rounding) and the new unit vector (gradient
+        stopped).
+    """
+    frozen = operator.stop_gradient()
+    v = keras.ops.stop_gradient(v)
+    for _ in range(iterations):
+        v = _normalize(frozen.transpose(frozen.apply(v)), v)
+    v = keras.ops.stop_gradient(v)
+    return _norm(operator.apply(v)), v
+
+
+def power_converge(step, v):
+    """Runs power iteration until the estimate stops moving.
+
+    Args:
+        step: a function `v -> (sigma, v)` taking
+            `CONVERGENCE_STEP_ITERATIONS` `power_step` iterations on the
+            current kernel; the caller compiles it once, since compiling it
+            anew for every call would retrace each time.
+        v: starting unit vector.
+
+    Returns:
+        `(sigma, v)`: the estimate as a Python float and the last vector.
+    """
+    sigma, previous = 0.0, -1.0
+    for _ in range(MAX_CONVERGENCE_ITERATIONS // CONVERGENCE_STEP_ITERATIONS):
+        sigma_t, v = step(v)
+        sigma = float(keras.ops.convert_to_numpy(sigma_t))
+        if abs(sigma - previous) <= CONVERGENCE_TOLERANCE * sigma:
+            break
+        previous = sigma
+    return sigma, v

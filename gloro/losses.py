@@ -7,32 +7,39 @@ Labels may be sparse (`(n,)` or `(n, 1)` class indices) or one-hot / soft
 `"trades_kl.<lambda>"`, `"sparse_trades_kl.<lambda>"`, `"trades_ce.<lambda>"`,
 `"sparse_trades_ce.<lambda>"`. The `sparse_` forms are accepted for
 familiarity; both forms read either kind of label.
+
+Keras losses that read their input as probabilities (`from_logits=False`,
+such as `"sparse_categorical_crossentropy"`) are refused: a GloroNet outputs
+logits.
 """
 
+import inspect
 import re
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from gloro.certificates import sparse_labels
+from gloro.certificates import _rank, sparse_labels
 
 
 def _targets(y_true, num_classes):
     """Probability targets over the `m + 1` outputs (zero mass on ⊥)."""
-    y_true = tf.convert_to_tensor(y_true)
-    if y_true.shape.rank == 2 and y_true.shape[1] == num_classes and num_classes > 1:
-        probs = tf.cast(y_true, tf.float32)
+    y_true = ops.convert_to_tensor(y_true)
+    shape = y_true.shape
+    if _rank(shape) == 2 and shape[1] == num_classes and num_classes > 1:
+        probs = ops.cast(y_true, "float32")
     else:
-        probs = tf.one_hot(sparse_labels(y_true, num_classes), num_classes)
-    return tf.pad(probs, [[0, 0], [0, 1]])
+        probs = ops.one_hot(sparse_labels(y_true, num_classes), num_classes, dtype="float32")
+    return ops.pad(probs, [[0, 0], [0, 1]])
 
 
 def _num_classes(y_pred):
-    if y_pred.shape.rank != 2 or y_pred.shape[1] is None or y_pred.shape[1] < 2:
+    shape = y_pred.shape
+    if len(shape) != 2 or shape[1] is None or shape[1] < 2:
         raise ValueError(
-            f"A GloRo loss expects predictions of shape (n, m + 1), got {tuple(y_pred.shape)}."
+            f"A GloRo loss expects predictions of shape (n, m + 1), got {tuple(shape)}."
         )
-    return y_pred.shape[1] - 1
+    return shape[1] - 1
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -53,7 +60,7 @@ class Crossentropy(keras.losses.Loss):
         super().__init__(name=name, **kwargs)
 
     def call(self, y_true, y_pred):
-        y_pred = tf.cast(y_pred, tf.float32)
+        y_pred = ops.cast(y_pred, "float32")
         targets = _targets(y_true, _num_classes(y_pred))
         return _crossentropy(targets, y_pred)
 
@@ -61,8 +68,8 @@ class Crossentropy(keras.losses.Loss):
 def _crossentropy(targets, logits):
     # Terms with zero target mass are dropped explicitly: -inf logits (rows
     # with non-finite inputs) would otherwise give 0 * inf = NaN.
-    log_probs = tf.nn.log_softmax(logits, axis=-1)
-    return -tf.reduce_sum(tf.where(targets > 0, targets * log_probs, 0.0), axis=-1)
+    log_probs = ops.log_softmax(logits, axis=-1)
+    return -ops.sum(ops.where(targets > 0, targets * log_probs, 0.0), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -93,16 +100,30 @@ class Trades(keras.losses.Loss):
         self.kind = kind
         self.lam = keras.Variable(_check_lambda(lam), trainable=False, dtype="float32", name="trades_lambda")
 
+    @property
+    def variables(self):
+        """The loss's state, `[lam]`.
+
+        A model compiled with this loss must pass these variables to its
+        training step as state (`GloroNet` does): a step compiled as a pure
+        function, as on JAX, would otherwise keep the value it was traced
+        with and never see `TradesScheduler`'s changes.
+        """
+        return [self.lam]
+
     def call(self, y_true, y_pred):
-        y_pred = tf.cast(y_pred, tf.float32)
+        y_pred = ops.cast(y_pred, "float32")
         m = _num_classes(y_pred)
         clean = y_pred[:, :m]
         clean_loss = _crossentropy(_targets(y_true, m)[:, :m], clean)
-        p = tf.pad(tf.nn.softmax(clean, axis=-1), [[0, 0], [0, 1]])
-        divergence = _crossentropy(p, y_pred)
+        log_p = ops.log_softmax(clean, axis=-1)
+        p = ops.exp(log_p)
+        divergence = _crossentropy(ops.pad(p, [[0, 0], [0, 1]]), y_pred)
         if self.kind == "kl":
-            divergence -= -tf.reduce_sum(tf.where(p > 0, p * tf.math.log(p), 0.0), axis=-1)
-        return clean_loss + tf.cast(self.lam, tf.float32) * divergence
+            # KL(p || q) = CE(p, q) - H(p); log_softmax keeps H finite where
+            # a probability underflows to 0.
+            divergence = divergence + ops.sum(p * log_p, axis=-1)
+        return clean_loss + ops.cast(self.lam, "float32") * divergence
 
     def get_config(self):
         return {**super().get_config(), "lam": float(self.lam.numpy()), "kind": self.kind}
@@ -117,8 +138,27 @@ def _check_lambda(lam):
 _TRADES = re.compile(r"^(sparse_)?trades_(kl|ce)\.(.+)$")
 
 
+def _expects_probabilities(loss):
+    """True for a Keras loss that reads its input as probabilities."""
+    if isinstance(loss, keras.losses.Loss):
+        return loss.get_config().get("from_logits") is False
+    if callable(loss):
+        try:
+            parameter = inspect.signature(loss).parameters.get("from_logits")
+        except (TypeError, ValueError):
+            return False
+        return parameter is not None and parameter.default is False
+    return False
+
+
+def _loss_name(loss):
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
 def get(identifier):
     """Resolves a loss: a gloro shorthand, else anything `keras.losses.get` takes.
+
+    `GloroNet.compile` calls it on its `loss` argument.
 
     Args:
         identifier: a string shorthand, a loss object or a Keras identifier.
@@ -127,22 +167,45 @@ def get(identifier):
         a loss.
 
     Raises:
-        ValueError: a malformed shorthand (the message quotes it).
+        ValueError: a malformed shorthand (the message quotes it), or a Keras
+            loss that reads its input as probabilities (`from_logits=False`):
+            a GloroNet outputs `m + 1` logits, so the message names the gloro
+            shorthand to use instead.
+
+    Example:
+
+    ```python
+    gloro.losses.get("trades_kl.1.5")   # Trades(1.5, kind="kl")
+    gloro.losses.get("sparse_categorical_crossentropy")  # ValueError: use "sparse_crossentropy"
+    ```
     """
-    if not isinstance(identifier, str):
-        return identifier
-    if identifier in ("crossentropy", "sparse_crossentropy"):
-        return Crossentropy()
-    match = _TRADES.match(identifier)
-    if identifier.startswith(("trades", "sparse_trades")):
-        if not match:
-            raise ValueError(
-                f"Malformed loss {identifier!r}: expected 'trades_kl.<lambda>' or "
-                "'trades_ce.<lambda>' (optionally prefixed 'sparse_'), e.g. 'trades_kl.1.5'."
-            )
-        try:
-            lam = float(match.group(3))
-        except ValueError:
-            raise ValueError(f"Malformed loss {identifier!r}: {match.group(3)!r} is not a number.") from None
-        return Trades(lam, kind=match.group(2))
-    return keras.losses.get(identifier)
+    if isinstance(identifier, str):
+        if identifier in ("crossentropy", "sparse_crossentropy"):
+            return Crossentropy()
+        match = _TRADES.match(identifier)
+        if identifier.startswith(("trades", "sparse_trades")):
+            if not match:
+                raise ValueError(
+                    f"Malformed loss {identifier!r}: expected 'trades_kl.<lambda>' or "
+                    "'trades_ce.<lambda>' (optionally prefixed 'sparse_'), e.g. 'trades_kl.1.5'."
+                )
+            try:
+                lam = float(match.group(3))
+            except ValueError:
+                raise ValueError(f"Malformed loss {identifier!r}: {match.group(3)!r} is not a number.") from None
+            return Trades(lam, kind=match.group(2))
+        loss = keras.losses.get(identifier)
+        name = identifier
+    else:
+        loss = identifier
+        name = _loss_name(loss)
+    if _expects_probabilities(loss):
+        sparse = "sparse" in f"{name} {type(loss).__name__}".lower()
+        shorthand = "sparse_crossentropy" if sparse else "crossentropy"
+        raise ValueError(
+            f"Loss {name!r} reads the model's outputs as probabilities "
+            "(from_logits=False), but a GloroNet outputs m + 1 logits (the last "
+            f"one is ⊥). Use loss={shorthand!r} (gloro's cross-entropy on the "
+            "GloRo logits), or a Keras loss with from_logits=True."
+        )
+    return loss

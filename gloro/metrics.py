@@ -9,16 +9,16 @@ Rows with a NaN or inf logit count as rejected and wrong.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from gloro.certificates import gloro_predictions, sparse_labels
 
 
 class _GloroMean(keras.metrics.Mean):
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_pred = tf.convert_to_tensor(y_pred)
+        y_pred = ops.convert_to_tensor(y_pred)
         m = y_pred.shape[-1] - 1
-        values = tf.cast(self._values(sparse_labels(y_true, m), y_pred, m), self.dtype)
+        values = ops.cast(self._values(sparse_labels(y_true, m), y_pred, m), self.dtype)
         return super().update_state(values, sample_weight=sample_weight)
 
     def get_config(self):
@@ -40,9 +40,9 @@ class CleanAccuracy(_GloroMean):
         super().__init__(name=name, dtype=dtype)
 
     def _values(self, labels, y_pred, m):
-        clean = tf.argmax(y_pred[:, :m], axis=1, output_type=tf.int32)
-        finite = tf.reduce_all(tf.math.is_finite(y_pred[:, :m]), axis=1)
-        return (clean == labels) & finite
+        clean = ops.cast(ops.argmax(y_pred[:, :m], axis=1), "int32")
+        finite = ops.all(ops.isfinite(y_pred[:, :m]), axis=1)
+        return ops.logical_and(ops.equal(clean, labels), finite)
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -60,7 +60,7 @@ class VerifiedRobustAccuracy(_GloroMean):
         super().__init__(name=name, dtype=dtype)
 
     def _values(self, labels, y_pred, m):
-        return gloro_predictions(y_pred) == labels
+        return ops.equal(gloro_predictions(y_pred), labels)
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -78,7 +78,7 @@ class RejectionRate(_GloroMean):
         super().__init__(name=name, dtype=dtype)
 
     def _values(self, labels, y_pred, m):
-        return gloro_predictions(y_pred) == m
+        return ops.equal(gloro_predictions(y_pred), m)
 
 
 _SHORTHANDS = {

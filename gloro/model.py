@@ -2,9 +2,9 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from gloro import certificates, layers as gloro_layers, lipschitz, losses
+from gloro import backend, certificates, layers as gloro_layers, lipschitz, losses
 from gloro import metrics as gloro_metrics
 from gloro.callbacks import LipschitzRefresh
 
@@ -76,8 +76,48 @@ def _with_gloro_layers(model):
     return clone
 
 
+if backend.name() == "jax":
+
+    class _GloroSteps:
+        """Adds the GloRo logs to Keras' stateless JAX train and test steps.
+
+        The variables hold stale values inside a JAX step, so the logs are
+        read from the step's new state through a `keras.StatelessScope`.
+        """
+
+        def train_step(self, state, data):
+            logs, state = super().train_step(state, data)
+            with self._state_scope(state[0], state[1]):
+                extra = self._lipschitz_logs(self._estimate_tensor())
+            return {**logs, **extra}, state
+
+        def test_step(self, state, data):
+            logs, state = super().test_step(state, data)
+            with self._state_scope(state[0], state[1]):
+                extra = self._lipschitz_logs(ops.max(self._margin_lipschitz))
+            return {**logs, **extra}, state
+
+        def _state_scope(self, trainable, non_trainable):
+            mapping = list(zip(self.trainable_variables, trainable))
+            mapping += list(zip(self.non_trainable_variables, non_trainable))
+            return keras.StatelessScope(state_mapping=mapping)
+
+else:
+
+    class _GloroSteps:
+        """Adds the GloRo logs to Keras' train and test steps."""
+
+        def train_step(self, data):
+            logs = super().train_step(data)
+            return {**logs, **self._lipschitz_logs(self._estimate_tensor())}
+
+        def test_step(self, data):
+            logs = super().test_step(data)
+            return {**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))}
+
+
 @keras.saving.register_keras_serializable(package="gloro")
-class GloroNet(keras.Model):
+class GloroNet(_GloroSteps, keras.Model):
     """A globally-robust network: the logits of `f` plus a ⊥ logit.
 
     For an input `x` with prediction `j = argmax f(x)`, the ⊥ logit is
@@ -89,12 +129,18 @@ class GloroNet(keras.Model):
     certified (see `gloro.certificates`).
 
     During training, the bounds are differentiable power-iteration estimates
-    (one step per layer per training step, `power_iterations`). Certificates
+    (`power_iterations` steps per layer per training step). Certificates
     (`evaluate`, `predict`, `save`, `export`, and calls with
-    `training=False`) use guaranteed bounds computed by `freeze_lipschitz`;
-    while those are stale (after any training-mode call) inference certifies
-    nothing until they are recomputed, which `fit`, `predict`, `evaluate`,
-    `save` and `export` do by themselves.
+    `training=False`) use guaranteed bounds computed by `freeze_lipschitz`.
+
+    Certificates never outlive the weights they were computed for: freezing
+    stores, next to the constants, a copy of every weight of `f` they depend
+    on, and each inference call compares the weights with that copy inside
+    the compiled graph. Whatever changed a weight (training, `assign`,
+    `set_weights`, `load_weights`, a custom optimizer loop on `g.f`), the
+    call certifies nothing until the constants are frozen again, which
+    `fit`, `predict`, `evaluate`, `save`, `export`, `certified_radius` and
+    `lipschitz_constant` do by themselves.
 
     The network must be a chain of layers with known bounds (see
     `gloro.layers`) ending in a linear `Dense` logits layer. Plain Keras
@@ -144,8 +190,10 @@ class GloroNet(keras.Model):
         self._check_head()
         self.num_classes = self._head.units
         self._spectral = [l for l in self._hidden if isinstance(l, gloro_layers.SpectralNormCache)]
-        static = [lipschitz.static_bound(l) for l in self._hidden if l not in self._spectral]
-        self._static_bound = float(np.prod(static))
+        # Fixed for training; freezing asks every layer again.
+        self._static_bound = float(np.prod(
+            [gloro_layers.layer_bound(l) for l in self._hidden if l not in self._spectral]
+        ))
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
@@ -155,13 +203,18 @@ class GloroNet(keras.Model):
             trainable=False, dtype="float32", aggregation="only_first_replica",
             name="margin_lipschitz",
         )
-        # 1.0 while _margin_lipschitz holds guaranteed bounds for the current
-        # weights; a variable so that training can invalidate it inside the
-        # compiled step.
-        self._frozen = self.add_weight(
-            shape=(), initializer="zeros", trainable=False, dtype="float32",
-            aggregation="only_first_replica", name="lipschitz_frozen",
-        )
+        caches = {id(v) for l in self._spectral + [self._head] for v in getattr(l, "cache_variables", [])}
+        self._certified_for = [v for v in self.f.weights if id(v) not in caches]
+        # NaN never equals anything, so nothing certifies before the first
+        # freeze (and NaN weights never certify).
+        self._certified_copies = [
+            self.add_weight(
+                shape=v.shape, initializer=keras.initializers.Constant(np.nan),
+                trainable=False, dtype=v.dtype, aggregation="only_first_replica",
+                name=f"certified_copy_{i}",
+            )
+            for i, v in enumerate(self._certified_for)
+        ]
         self.build(self.f.input_shape)
 
     def _check_head(self):
@@ -199,7 +252,7 @@ class GloroNet(keras.Model):
     @property
     def epsilon(self):
         """The certified L2 radius; settable at any time, also during `fit`."""
-        return float(self._epsilon.numpy())
+        return float(ops.convert_to_numpy(self._epsilon))
 
     @epsilon.setter
     def epsilon(self, value):
@@ -213,8 +266,7 @@ class GloroNet(keras.Model):
         Args:
             x: a batch of inputs shaped like `f`'s input.
             training: if True, the constants are differentiable estimates
-                from one more power-iteration step per layer, and the frozen
-                certificates are marked stale.
+                from more power-iteration steps per layer.
 
         Returns:
             float32 tensor `(n, m + 1)`; the last column is ⊥.
@@ -222,19 +274,24 @@ class GloroNet(keras.Model):
         self._check_input(x)
         logits = self.f(x, training=training)
         if training:
-            self._frozen.assign(0.0)
             lipschitz_h = self._static_bound
             for layer in self._spectral:
                 lipschitz_h = lipschitz_h * layer.power_step(self.power_iterations)
-            kernel = tf.cast(tf.convert_to_tensor(self._head.kernel), tf.float32)
-            margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_tf(kernel)
-            certify = True
+            kernel = ops.cast(self._head.kernel, "float32")
+            margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_ops(kernel)
+            certify = ops.convert_to_tensor(True)
         else:
-            margin_lipschitz = tf.convert_to_tensor(self._margin_lipschitz)
-            certify = self._frozen > 0.5
+            margin_lipschitz = ops.convert_to_tensor(self._margin_lipschitz)
+            certify = self._weights_are_certified()
         return certificates.add_bottom_logit(
-            logits, margin_lipschitz, tf.convert_to_tensor(self._epsilon), certify
+            logits, margin_lipschitz, ops.convert_to_tensor(self._epsilon), certify
         )
+
+    def _weights_are_certified(self):
+        """Scalar bool tensor: every weight equals the copy taken when the
+        constants were frozen."""
+        same = [ops.all(ops.equal(w, c)) for w, c in zip(self._certified_for, self._certified_copies)]
+        return ops.all(ops.stack(same))
 
     def _check_input(self, x):
         expected = tuple(self.f.input_shape[1:])
@@ -246,9 +303,12 @@ class GloroNet(keras.Model):
                 f"GloroNet '{self.name}' expects inputs of shape (batch,) + "
                 f"{expected}, got {tuple(x.shape)}."
             )
-        dtype = tf.as_dtype(x.dtype)
-        if not (dtype.is_floating or dtype.is_integer):
-            raise TypeError(f"GloroNet '{self.name}' expects numeric inputs, got dtype {dtype.name}.")
+        try:
+            dtype = keras.backend.standardize_dtype(x.dtype)
+        except ValueError:
+            dtype = str(x.dtype)
+        if not ("float" in dtype or "int" in dtype):
+            raise TypeError(f"GloroNet '{self.name}' expects numeric inputs, got dtype {dtype}.")
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes + 1)
@@ -258,7 +318,7 @@ class GloroNet(keras.Model):
     @property
     def lipschitz_frozen(self):
         """True while inference uses guaranteed bounds for the current weights."""
-        return bool(self._frozen.numpy() > 0.5)
+        return bool(ops.convert_to_numpy(self._weights_are_certified()))
 
     def refresh_lipschitz(self):
         """Runs every layer's power iteration to convergence.
@@ -277,23 +337,24 @@ class GloroNet(keras.Model):
         """Converges the estimates, then stores guaranteed margin constants.
 
         Inference then certifies with bounds proven to be at least the true
-        operator norms (see `gloro.lipschitz`), and runs no power iteration.
+        operator norms (see `gloro.lipschitz`), runs no power iteration, and
+        certifies only while the weights equal the ones frozen here.
 
         Returns:
             numpy `(m, m)`, the frozen `K[j, i]`.
         """
+        # Copied before the bounds are computed: should a weight change in
+        # between, the copy disagrees with it and nothing is certified.
+        snapshot = [ops.convert_to_numpy(w) for w in self._certified_for]
         self.refresh_lipschitz()
-        bound = self._static_bound
-        for layer in self._spectral:
-            bound *= layer.guaranteed_bound()
+        bound = float(np.prod([gloro_layers.layer_bound(l) for l in self._hidden]))
         # Covers the float64 rounding of this product chain itself.
         bound *= lipschitz.SAFETY_FACTOR
-        kernel = self._head.kernel.numpy()
-        exact = bound * lipschitz.pairwise_column_distances(kernel)
-        stored = exact.astype(np.float32)
-        stored = np.where(stored < exact, np.nextafter(stored, np.float32(np.inf)), stored)
+        kernel = np.asarray(ops.convert_to_numpy(self._head.kernel), np.float64)
+        stored = lipschitz.round_up_float32(bound * lipschitz.pairwise_column_distances(kernel))
         self._margin_lipschitz.assign(stored)
-        self._frozen.assign(1.0)
+        for copy, value in zip(self._certified_copies, snapshot):
+            copy.assign(value)
         return stored
 
     def _ensure_frozen(self):
@@ -308,7 +369,7 @@ class GloroNet(keras.Model):
             `f_i - f_j` (zero diagonal). Freezes first if needed.
         """
         self._ensure_frozen()
-        return self._margin_lipschitz.numpy()
+        return ops.convert_to_numpy(self._margin_lipschitz)
 
     def lipschitz_report(self):
         """Per-layer cost of the guarantee.
@@ -321,11 +382,8 @@ class GloroNet(keras.Model):
         self._ensure_frozen()
         rows = []
         for layer in self._hidden:
-            if layer in self._spectral:
-                estimate = float(layer.lipschitz_estimate.numpy()) * lipschitz.activation_bound(layer)
-                bound = float(layer.lipschitz_bound.numpy()) * lipschitz.activation_bound(layer)
-            else:
-                estimate = bound = lipschitz.static_bound(layer)
+            bound = gloro_layers.layer_bound(layer)
+            estimate = float(ops.convert_to_numpy(layer.estimate())) if layer in self._spectral else bound
             ratio = bound / estimate if estimate > 0 else float("inf")
             rows.append({"layer": layer.name, "estimate": estimate, "bound": bound, "ratio": ratio})
         return rows
@@ -341,15 +399,14 @@ class GloroNet(keras.Model):
             numpy `(n,)`: `min_{i != j} (f_j - f_i) / K[j, i]`; 0 for ties and
             NaN/inf.
         """
-        logits = self._predict_logits(x, batch_size)
-        return certificates.certified_radius(logits, self.lipschitz_constant())
-
-    def _predict_logits(self, x, batch_size):
+        margin_lipschitz = self.lipschitz_constant()
         x = np.asarray(x)
         self._check_input(x)
         if len(x) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
-        return self.f.predict(x, batch_size=batch_size, verbose=0)
+            logits = np.zeros((0, self.num_classes), np.float32)
+        else:
+            logits = self.f.predict(x, batch_size=batch_size, verbose=0)
+        return certificates.certified_radius(logits, margin_lipschitz)
 
     # ----------------------------------------- Keras API with soundness
 
@@ -360,10 +417,14 @@ class GloroNet(keras.Model):
             optimizer: as for Keras.
             loss: a `gloro.losses` shorthand (`"crossentropy"`,
                 `"sparse_crossentropy"`, `"trades_kl.<lambda>"`, ...) or a
-                loss object.
+                loss object on logits.
             metrics: list of `"clean_acc"`, `"vra"`, `"rejection_rate"` or
                 Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
+
+        Raises:
+            ValueError: a loss that reads the outputs as probabilities (see
+                `gloro.losses.get`).
         """
         if metrics is not None:
             metrics = [gloro_metrics.get(m) for m in metrics]
@@ -374,33 +435,20 @@ class GloroNet(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
 
-    def train_step(self, data):
-        """One optimisation step; also reports the training-time Lipschitz
-        estimate and epsilon in the logs (progress bar, History,
-        TensorBoard)."""
-        logs = super().train_step(data)
-        return {**logs, **self._lipschitz_logs(self._estimate_tensor())}
-
-    def test_step(self, data):
-        """One evaluation step with the frozen certificates; also reports
-        the certified margin constant and epsilon."""
-        logs = super().test_step(data)
-        return {**logs, **self._lipschitz_logs(tf.reduce_max(self._margin_lipschitz))}
-
     def _estimate_tensor(self):
-        estimate = tf.constant(self._static_bound, tf.float32)
+        estimate = ops.convert_to_tensor(self._static_bound, "float32")
         for layer in self._spectral:
-            estimate *= layer.lipschitz_estimate * lipschitz.activation_bound(layer)
-        head = tf.cast(tf.convert_to_tensor(self._head.kernel), tf.float32)
-        return estimate * tf.reduce_max(lipschitz.pairwise_column_distances_tf(head))
+            estimate = estimate * layer.estimate()
+        head = ops.cast(self._head.kernel, "float32")
+        return estimate * ops.max(lipschitz.pairwise_column_distances_ops(head))
 
     def _lipschitz_logs(self, value):
-        return {"lipschitz": value, "epsilon": tf.convert_to_tensor(self._epsilon)}
+        return {"lipschitz": value, "epsilon": ops.convert_to_tensor(self._epsilon)}
 
     def _check_array(self, x):
         # Keras relaxes traced input shapes, so an array of the wrong shape
         # could reach the graph and fail deep inside it: check it here.
-        if hasattr(x, "shape") and not isinstance(x, tf.data.Dataset):
+        if isinstance(x, np.ndarray) or ops.is_tensor(x):
             self._check_input(x)
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
@@ -423,7 +471,7 @@ class GloroNet(keras.Model):
         """`keras.Model.predict` with guaranteed constants: `(n, m + 1)`."""
         self._check_array(x)
         self._ensure_frozen()
-        if hasattr(x, "shape") and not isinstance(x, tf.data.Dataset) and len(x) == 0:
+        if (isinstance(x, np.ndarray) or ops.is_tensor(x)) and x.shape[0] == 0:
             return np.zeros((0, self.num_classes + 1), np.float32)
         return super().predict(x, *args, **kwargs)
 
@@ -443,13 +491,11 @@ class GloroNet(keras.Model):
     def export(self, filepath, *args, **kwargs):
         """`keras.Model.export` (TensorFlow SavedModel by default) with the
         constants frozen first; the `serve` endpoint returns the `m + 1`
-        logits and needs no gloro to load."""
+        logits and needs no gloro to load. Needs TensorFlow installed, on
+        either backend."""
+        backend.require_tensorflow("GloroNet.export (TensorFlow SavedModel)")
         self._ensure_frozen()
         return super().export(filepath, *args, **kwargs)
-
-    def set_weights(self, weights):
-        super().set_weights(weights)
-        self._frozen.assign(0.0)
 
     # ------------------------------------------------------- serialization
 

@@ -12,8 +12,9 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from gloro import backend
 from gloro.model import GloroNet
 
 
@@ -60,7 +61,7 @@ def load_model(path, verify=True):
 
 
 def _verify_constants(model, path):
-    stored = model._margin_lipschitz.numpy().copy()
+    stored = ops.convert_to_numpy(model._margin_lipschitz).copy()
     was_frozen = model.lipschitz_frozen
     proven = model.freeze_lipschitz()
     if was_frozen:
@@ -87,7 +88,9 @@ def load_saved_model(path):
     Raises:
         FileNotFoundError: no such directory.
         ValueError: not a readable SavedModel with a `serve` endpoint.
+        ImportError: TensorFlow is not installed.
     """
+    tf = backend.require_tensorflow("gloro.load_saved_model")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No SavedModel directory at {path!r}.")

@@ -46,7 +46,7 @@ def test_keras_round_trip_is_exact(trained_cnn, tmp_path):
     np.testing.assert_array_equal(loaded.lipschitz_constant(), g.lipschitz_constant())
     for a, b in zip(g.f.layers, loaded.f.layers):
         for wa, wb in zip(a.weights, b.weights):
-            np.testing.assert_array_equal(wa.numpy(), wb.numpy())
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(wa), keras.ops.convert_to_numpy(wb))
     assert loaded.evaluate(data, labels, verbose=0) == g.evaluate(data, labels, verbose=0)
     assert isinstance(loaded.loss, gloro.losses.Trades)
 
@@ -69,9 +69,16 @@ def test_save_freezes_first(tmp_path, rng):
     assert keras.models.load_model(tmp_path / "m.keras").lipschitz_frozen
 
 
-def test_export_serves_without_gloro(trained_cnn, tmp_path):
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("weights", ["frozen", "changed after freezing"])
+def test_export_serves_without_gloro(trained_cnn, tmp_path, weights):
     g, data, _ = trained_cnn
+    if weights != "frozen":
+        kernel = g.f.layers[1].kernel
+        kernel.assign(keras.ops.convert_to_numpy(kernel) * 1.5)
+        assert not g.lipschitz_frozen
     g.export(tmp_path / "served", verbose=False)
+    assert g.lipschitz_frozen
     np.save(tmp_path / "x.npy", data)
     np.save(tmp_path / "expected.npy", g.predict(data, verbose=0))
     script = f"""

@@ -1,0 +1,514 @@
+"""`gloro.lipschitz` against exact answers, on whichever backend Keras runs.
+
+Exact norms come from matrices built here, independently of the library: a
+plain loop convolution, and Keras' own operations applied to basis vectors.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import keras
+import numpy as np
+import pytest
+
+from gloro import lipschitz
+
+# Relative rounding allowed for results computed in float32 by a backend.
+FLOAT32_REL = 1e-5
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def compiled(fn):
+    """Compiles `fn` with the backend's compiler, as a layer would."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def gradient(fn, x):
+    """`d sum(fn(x)) / dx` as a NumPy array."""
+    x = keras.ops.convert_to_tensor(x)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(fn(x))
+        return tape.gradient(total, x).numpy()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda t: keras.ops.sum(fn(t)))(x))
+    pytest.skip(f"no gradient helper for backend {keras.backend.backend()}")
+
+
+def reference_conv_matrix(kernel, input_shape, strides, padding, dilation):
+    """The convolution's matrix by a plain loop over outputs and taps.
+
+    Keras' "same" padding: `ceil(size / stride)` outputs and `total // 2`
+    zeros before the input, the rest after.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    kh, kw, cin, cout = kernel.shape
+    h, w, _ = input_shape
+    (sh, sw), (dh, dw) = np.broadcast_to(strides, 2), np.broadcast_to(dilation, 2)
+    geometry = []
+    for size, taps, s, d in ((h, kh, sh, dh), (w, kw, sw, dw)):
+        extent = (taps - 1) * d + 1
+        if padding == "same":
+            out = math.ceil(size / s)
+            before = max((out - 1) * s + extent - size, 0) // 2
+        else:
+            out = (size - extent) // s + 1 if size >= extent else 0
+            before = 0
+        geometry.append((out, before))
+    (oh, top), (ow, left) = geometry
+    dim = h * w * cin
+    basis = np.eye(dim).reshape(dim, h, w, cin)
+    out = np.zeros((dim, oh, ow, cout))
+    for i in range(oh):
+        for j in range(ow):
+            for a in range(kh):
+                for b in range(kw):
+                    r, c = i * sh + a * dh - top, j * sw + b * dw - left
+                    if 0 <= r < h and 0 <= c < w:
+                        out[:, i, j] += basis[:, r, c] @ kernel[a, b]
+    return out.reshape(dim, -1)
+
+
+def exact_norm(matrix):
+    return float(np.linalg.svd(matrix, compute_uv=False)[0]) if matrix.size else 0.0
+
+
+def keras_matrix(fn, input_shape):
+    """The matrix of a linear Keras operation, one float32 basis vector per row."""
+    dim = int(np.prod(input_shape))
+    basis = np.eye(dim, dtype=np.float32).reshape((dim,) + tuple(input_shape))
+    out = keras.ops.convert_to_numpy(fn(basis))
+    return out.reshape(dim, -1).astype(np.float64)
+
+
+CONV_CASES = [
+    # (input_shape, filters, kernel, strides, padding, dilation)
+    ((6, 6, 2), 3, 3, 1, "same", 1),
+    ((6, 6, 2), 3, 3, 1, "valid", 1),
+    ((7, 7, 2), 4, 3, 2, "same", 1),
+    ((7, 7, 2), 4, 3, 2, "valid", 1),
+    ((8, 8, 1), 4, 4, 2, "same", 1),
+    ((8, 8, 1), 4, 4, 2, "valid", 1),
+    ((5, 9, 3), 2, (2, 3), (1, 2), "same", 1),
+    ((9, 9, 2), 2, 3, 1, "same", 2),
+    ((4, 4, 2), 3, 5, 1, "same", 1),
+    ((10, 10, 2), 3, 3, 3, "same", 1),
+    # Dilation differing per axis, also with a stride (which Keras' Conv2D
+    # refuses, but the math covers).
+    ((9, 11, 2), 3, 3, 1, "same", (2, 3)),
+    ((9, 11, 2), 3, 3, 2, "same", (2, 3)),
+    ((9, 11, 2), 3, 3, 2, "valid", (2, 3)),
+    ((8, 8, 1), 2, 2, 2, "valid", 2),
+    # Kernels smaller than the stride (rows no window reads or writes).
+    ((7, 7, 2), 3, 1, 2, "same", 1),
+    ((8, 7, 1), 2, 2, 3, "valid", 1),
+]
+CASE_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
+
+
+def conv_case(case, rng, scale=1.0):
+    input_shape, filters, kernel_size, strides, padding, dilation = case
+    kh, kw = np.broadcast_to(kernel_size, 2)
+    kernel = (rng.normal(size=(kh, kw, input_shape[-1], filters)) * scale).astype(np.float32)
+    strides, dilation = tuple(np.broadcast_to(strides, 2)), tuple(np.broadcast_to(dilation, 2))
+    return input_shape, kernel, strides, padding, dilation
+
+
+# ------------------------------------------------------------- convolutions
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_matrix_matches_loop_and_keras(case, rng):
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng)
+    matrix = lipschitz.conv_matrix(kernel, input_shape, strides, padding, dilation)
+    assert matrix.dtype == np.float64
+    reference = reference_conv_matrix(kernel, input_shape, strides, padding, dilation)
+    np.testing.assert_array_equal(matrix, reference)
+    if max(strides) > 1 and max(dilation) > 1:
+        # Keras refuses this combination; a stride-1-dilation convolution of
+        # the kernel with zeros between its taps is the same operator.
+        kh, kw, cin, cout = kernel.shape
+        spread = np.zeros(((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1, cin, cout))
+        spread[:: dilation[0], :: dilation[1]] = kernel
+        keras_kernel, keras_dilation = spread.astype(np.float32), 1
+    else:
+        keras_kernel, keras_dilation = kernel, dilation
+    by_keras = keras_matrix(
+        lambda x: keras.ops.conv(x, keras_kernel, strides, padding, dilation_rate=keras_dilation),
+        input_shape,
+    )
+    np.testing.assert_allclose(matrix, by_keras, rtol=0, atol=1e-5 * np.abs(kernel).max())
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e3])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_bound_is_tight_upper_bound(case, scale, rng):
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng, scale)
+    exact = exact_norm(reference_conv_matrix(kernel, input_shape, strides, padding, dilation))
+    bound = lipschitz.conv_bound(kernel, input_shape, strides, padding, dilation)
+    assert isinstance(bound, float)
+    assert exact <= bound <= exact * 1.001
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_circular_bound_is_an_upper_bound(case, rng):
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng)
+    exact = exact_norm(reference_conv_matrix(kernel, input_shape, strides, padding, dilation))
+    circular = lipschitz.circular_conv_bound(kernel, input_shape, strides, padding, dilation)
+    assert circular >= exact * (1 - 1e-12)
+
+
+def test_circular_bound_is_exact_without_boundary(rng):
+    # A 1x1 convolution never reaches the padding: circular and zero-padded
+    # operators coincide.
+    kernel = rng.normal(size=(1, 1, 5, 3))
+    exact = exact_norm(reference_conv_matrix(kernel, (4, 4, 5), (1, 1), "same", (1, 1)))
+    circular = lipschitz.circular_conv_bound(kernel, (4, 4, 5), (1, 1), "same", (1, 1))
+    assert circular == pytest.approx(exact, rel=1e-12)
+
+
+def test_conv_too_large_to_materialise_is_still_bounded(rng):
+    # 23 * 23 * 4 = 2116 dimensions on both sides: only the FFT bound applies.
+    # The kernel is separable, p[a] q[b] C[i, o], so the operator is the
+    # Kronecker product of two 1-D convolutions and a channel mixing, and its
+    # exact norm is the product of three small dense SVDs (an SVD of the full
+    # 2116 x 2116 matrix would take most of this file's time budget).
+    h, w, channels = 23, 23, 4
+    assert h * w * channels > lipschitz.MAX_MATERIALISED_DIM
+    p, q, mixing = rng.normal(size=3), rng.normal(size=3), rng.normal(size=(channels, channels))
+    kernel = p[:, None, None, None] * q[None, :, None, None] * mixing
+    rows = reference_conv_matrix(p.reshape(3, 1, 1, 1), (h, 1, 1), 1, "same", 1)
+    cols = reference_conv_matrix(q.reshape(1, 3, 1, 1), (1, w, 1), 1, "same", 1)
+    full = reference_conv_matrix(kernel, (h, w, channels), 1, "same", 1)
+    np.testing.assert_allclose(full, np.kron(np.kron(rows, cols), mixing), rtol=0, atol=1e-12)
+    exact = exact_norm(rows) * exact_norm(cols) * exact_norm(mixing)
+    bound = lipschitz.conv_bound(kernel, (h, w, channels), 1, "same", 1)
+    assert exact <= bound <= exact * 1.1
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_bound_without_materialising(case, rng, monkeypatch):
+    # Above the size limit only the circular bound is left; it must still
+    # cover the exact norm.
+    monkeypatch.setattr(lipschitz, "MAX_MATERIALISED_DIM", 0)
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng)
+    exact = exact_norm(reference_conv_matrix(kernel, input_shape, strides, padding, dilation))
+    bound = lipschitz.conv_bound(kernel, input_shape, strides, padding, dilation)
+    circular = lipschitz.circular_conv_bound(kernel, input_shape, strides, padding, dilation)
+    assert bound == lipschitz.inflate(circular)
+    assert bound >= exact
+
+
+def test_conv_with_empty_output_has_zero_norm():
+    kernel = np.ones((5, 5, 1, 2))
+    matrix = lipschitz.conv_matrix(kernel, (3, 3, 1), 1, "valid", 1)
+    assert matrix.shape == (9, 0)
+    assert lipschitz.conv_bound(kernel, (3, 3, 1), 1, "valid", 1) >= 0.0
+
+
+# ----------------------------------------------------------------- dense
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (20, 7), (3, 30)])
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e4])
+def test_dense_bound_is_tight_upper_bound(shape, scale, rng):
+    kernel = (rng.normal(size=shape) * scale).astype(np.float32)
+    exact = exact_norm(kernel.astype(np.float64))
+    bound = lipschitz.dense_bound(kernel)
+    assert exact <= bound <= exact * 1.001
+
+
+# -------------------------------------------------------------- operators
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_transpose_is_the_exact_adjoint(case, rng):
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng)
+    operator = lipschitz.ConvOperator(kernel, (1,) + input_shape, strides, padding, dilation)
+    reference = reference_conv_matrix(kernel, input_shape, strides, padding, dilation)
+    v = rng.normal(size=(1,) + input_shape).astype(np.float32)
+    av = keras.ops.convert_to_numpy(operator.apply(v)).astype(np.float64)
+    # One call transposes a random u and every output basis vector.
+    output_dim = reference.shape[1]
+    u = rng.normal(size=(1, output_dim)).astype(np.float32)
+    batch = np.concatenate([u, np.eye(output_dim, dtype=np.float32)])
+    transposed = keras.ops.convert_to_numpy(
+        operator.transpose(batch.reshape((-1,) + av.shape[1:]))
+    ).astype(np.float64)
+    assert transposed.shape[1:] == input_shape
+    transposed = transposed.reshape(1 + output_dim, -1)
+    lhs, rhs = np.sum(av.reshape(-1) * u), np.sum(v.reshape(-1) * transposed[0])
+    assert abs(lhs - rhs) <= FLOAT32_REL * np.linalg.norm(av) * np.linalg.norm(u)
+    # The transpose of each output basis vector is the matching column of
+    # the reference matrix.
+    np.testing.assert_allclose(
+        transposed[1:], reference.T, rtol=0, atol=1e-5 * np.abs(kernel).max()
+    )
+
+
+def test_dense_transpose_is_the_adjoint(rng):
+    kernel = rng.normal(size=(6, 4)).astype(np.float32)
+    operator = lipschitz.DenseOperator(kernel)
+    v = rng.normal(size=(1, 6)).astype(np.float32)
+    u = rng.normal(size=(1, 4)).astype(np.float32)
+    lhs = np.sum(keras.ops.convert_to_numpy(operator.apply(v)) * u)
+    rhs = np.sum(v * keras.ops.convert_to_numpy(operator.transpose(u)))
+    assert lhs == pytest.approx(rhs, rel=FLOAT32_REL)
+
+
+# -------------------------------------------------------- power iteration
+
+
+def unit(rng, shape):
+    v = rng.normal(size=shape).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def check_power_iteration(operator, v, exact):
+    # A single step from a random start, and every estimate on the way to
+    # convergence, stays below the norm (up to float32 rounding). Compiled,
+    # as layers run it: eager JAX would compile each operation separately.
+    sigma, _ = compiled(lambda v: lipschitz.power_step(operator, v))(v)
+    assert float(keras.ops.convert_to_numpy(sigma)) <= exact * (1 + FLOAT32_REL)
+    estimates = []
+
+    def step(v):
+        sigma, v = lipschitz.power_step(operator, v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
+        return sigma, v
+
+    compiled_step = compiled(step)
+
+    def recording_step(v):
+        sigma, v = compiled_step(v)
+        estimates.append(float(keras.ops.convert_to_numpy(sigma)))
+        return sigma, v
+
+    sigma, _ = lipschitz.power_converge(recording_step, v)
+    assert max(estimates) <= exact * (1 + FLOAT32_REL)
+    assert sigma == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_power_iteration_converges_from_below(case, rng):
+    input_shape, kernel, strides, padding, dilation = conv_case(case, rng)
+    exact = exact_norm(reference_conv_matrix(kernel, input_shape, strides, padding, dilation))
+    operator = lipschitz.ConvOperator(kernel, (1,) + input_shape, strides, padding, dilation)
+    check_power_iteration(operator, unit(rng, (1,) + input_shape), exact)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e4])
+def test_dense_power_iteration_converges_from_below(scale, rng):
+    # Small weights would expose an epsilon in the normalisation.
+    kernel = (rng.normal(size=(20, 7)) * scale).astype(np.float32)
+    exact = exact_norm(kernel.astype(np.float64))
+    check_power_iteration(lipschitz.DenseOperator(kernel), unit(rng, (1, 20)), exact)
+
+
+def test_power_step_gradient_flows_through_sigma_only(rng):
+    # With v held constant, d||v K|| / dK = v^T (v K) / ||v K||.
+    kernel = rng.normal(size=(5, 3)).astype(np.float32)
+    v0 = unit(rng, (1, 5))
+    _, v = lipschitz.power_step(lipschitz.DenseOperator(kernel), v0, 3)
+    v = keras.ops.convert_to_numpy(v).astype(np.float64)
+    grad = gradient(
+        lambda k: lipschitz.power_step(lipschitz.DenseOperator(k), v0, 3)[0], kernel
+    )
+    image = v @ kernel
+    expected = v.T @ image / np.linalg.norm(image)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_power_step_on_zero_kernel_keeps_direction():
+    kernel = np.zeros((4, 3), np.float32)
+    v0 = np.full((1, 4), 0.5, np.float32)
+    sigma, v = lipschitz.power_step(lipschitz.DenseOperator(kernel), v0, 2)
+    assert float(sigma) == 0.0
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), v0)
+    grad = gradient(lambda k: lipschitz.power_step(lipschitz.DenseOperator(k), v0)[0], kernel)
+    assert np.all(np.isfinite(grad))
+
+
+# ---------------------------------------------------------------- pooling
+
+AVERAGE_POOL_CASES = [
+    # (pool, strides, padding, input_shape)
+    (2, 2, "valid", (6, 6, 2)),
+    (2, 1, "valid", (5, 5, 1)),
+    (3, 2, "same", (7, 7, 1)),
+    (2, 1, "same", (4, 4, 1)),
+    (3, 1, "same", (5, 6, 2)),
+    ((2, 3), (1, 2), "same", (6, 7, 1)),
+    (3, 3, "same", (7, 8, 1)),
+]
+
+
+@pytest.mark.parametrize("pool,strides,padding,input_shape", AVERAGE_POOL_CASES)
+def test_average_pooling_bound_is_the_exact_norm(pool, strides, padding, input_shape):
+    # Keras divides a "same" window by its number of real inputs on every
+    # backend; the bound must match the operator Keras actually applies.
+    matrix = keras_matrix(
+        lambda x: keras.ops.average_pool(x, pool, strides, padding), input_shape
+    )
+    exact = exact_norm(matrix)
+    bound = lipschitz.average_pooling_bound(pool, strides, padding, input_shape)
+    assert exact <= bound <= exact * lipschitz.SAFETY_FACTOR * (1 + FLOAT32_REL)
+    if pool == strides and padding == "valid":
+        assert bound == pytest.approx(1 / pool, rel=2e-5)
+
+
+MAX_POOL_CASES = [
+    (2, 2, "valid", (6, 6, 1)),
+    (3, 1, "same", (5, 5, 1)),
+    (3, 2, "valid", (7, 7, 1)),
+]
+
+
+@pytest.mark.parametrize("pool,strides,padding,input_shape", MAX_POOL_CASES)
+def test_max_pooling_bound_covers_random_pairs(pool, strides, padding, input_shape, rng):
+    bound = lipschitz.max_pooling_bound(pool, strides)
+    x = rng.normal(size=(200,) + input_shape).astype(np.float32)
+    d = rng.normal(size=x.shape).astype(np.float32) * 1e-2
+
+    def pool_fn(t):
+        return keras.ops.convert_to_numpy(keras.ops.max_pool(t, pool, strides, padding))
+
+    change = (pool_fn(x + d) - pool_fn(x)).reshape(200, -1)
+    ratios = np.linalg.norm(change, axis=1) / np.linalg.norm(d.reshape(200, -1), axis=1)
+    assert ratios.max() <= bound
+    assert (bound == 1.0) == (pool == strides)
+
+
+def test_overlapping_max_pooling_worst_case():
+    # Raising the centre pixel, the max of all four overlapping 2x2 windows,
+    # moves four outputs by 1: the change has norm 2.
+    x = np.zeros((1, 3, 3, 1), np.float32)
+    y = x.copy()
+    y[0, 1, 1, 0] = 1.0
+    change = keras.ops.max_pool(y, 2, 1, "valid") - keras.ops.max_pool(x, 2, 1, "valid")
+    ratio = float(np.linalg.norm(keras.ops.convert_to_numpy(change)))
+    assert ratio == pytest.approx(2.0)
+    assert lipschitz.max_pooling_bound((2, 2), (1, 1)) >= ratio
+
+
+@pytest.mark.parametrize("pool,strides,windows", [
+    ((2, 1), (1, 1), 2), ((3, 3), (1, 2), 6), ((3, 2), (2, 1), 4), ((2, 2), (2, 2), 1),
+])
+def test_max_pooling_bound_is_at_least_the_exact_root(pool, strides, windows):
+    bound = lipschitz.max_pooling_bound(pool, strides)
+    # Exact rational arithmetic: bound**2 >= the window count, barely.
+    assert Fraction(bound) ** 2 >= windows
+    assert bound <= math.sqrt(windows) * (1 + 1e-15)
+
+
+# ------------------------------------------------ rounding and inflation
+
+
+def test_inflate():
+    assert lipschitz.inflate(2.0) == 2.0 * lipschitz.SAFETY_FACTOR
+    assert isinstance(lipschitz.inflate(np.float32(2.0)), float)
+    np.testing.assert_array_equal(
+        lipschitz.inflate(np.array([1.0, 3.0])), np.array([1.0, 3.0]) * lipschitz.SAFETY_FACTOR
+    )
+
+
+def check_rounded_up(values):
+    values = np.asarray(values, np.float64)
+    rounded = lipschitz.round_up_float32(values)
+    assert rounded.dtype == np.float32 and rounded.shape == values.shape
+    assert np.all(rounded.astype(np.float64) >= values)
+    # Smallest such float32: the one below is below the value.
+    below = np.nextafter(rounded, np.float32(-np.inf)).astype(np.float64)
+    assert np.all(below < values)
+
+
+def test_round_up_float32_on_random_values(rng):
+    magnitudes = 10.0 ** rng.uniform(-40, 38, size=2000)
+    check_rounded_up(magnitudes * rng.choice([-1.0, 1.0], size=2000))
+    check_rounded_up(rng.uniform(0, 10, size=(50, 40)))
+
+
+def test_round_up_float32_near_float32_values(rng):
+    grid = rng.uniform(0.5, 100, size=500).astype(np.float32).astype(np.float64)
+    for values in (grid, np.nextafter(grid, np.inf), np.nextafter(grid, -np.inf)):
+        check_rounded_up(values)
+    # A value that is a float32 already comes back unchanged.
+    np.testing.assert_array_equal(lipschitz.round_up_float32(grid), grid.astype(np.float32))
+
+
+def test_round_up_float32_scalars():
+    for value in (0.1, 1.0 / 3.0, 2.0, 1e-45, 3.4e38, -0.1):
+        rounded = lipschitz.round_up_float32(value)
+        assert isinstance(rounded, np.float32)
+        assert float(rounded) >= value
+        assert float(np.nextafter(rounded, np.float32(-np.inf))) < value
+    assert lipschitz.round_up_float32(0.0) == 0.0
+    assert lipschitz.round_up_float32(np.float64(1e39)) == np.inf
+
+
+# ------------------------------------------------------- pairwise distances
+
+
+def test_pairwise_column_distances(rng):
+    kernel = rng.normal(size=(8, 5))
+    expected = np.array(
+        [[np.linalg.norm(kernel[:, j] - kernel[:, i]) for i in range(5)] for j in range(5)]
+    )
+    distances = lipschitz.pairwise_column_distances(kernel)
+    assert distances.dtype == np.float64
+    np.testing.assert_allclose(distances, expected * lipschitz.SAFETY_FACTOR, rtol=1e-14)
+    assert np.all(distances >= expected)
+    ops_distances = keras.ops.convert_to_numpy(
+        lipschitz.pairwise_column_distances_ops(kernel.astype(np.float32))
+    )
+    np.testing.assert_allclose(ops_distances, expected, rtol=FLOAT32_REL, atol=1e-6)
+
+
+def test_pairwise_column_distances_ops_gradient(rng):
+    kernel = rng.normal(size=(8, 5)).astype(np.float32)
+    grad = gradient(lipschitz.pairwise_column_distances_ops, kernel)
+    assert np.all(np.isfinite(grad))
+    # d sum_{i,j} ||k_j - k_i|| / dk_j = 2 sum_{i != j} (k_j - k_i) / ||k_j - k_i||.
+    k = kernel.astype(np.float64)
+    diff = k[:, :, None] - k[:, None, :]
+    norms = np.sqrt(np.sum(diff * diff, axis=0)) + np.eye(5)
+    expected = 2 * np.sum(diff / norms, axis=2)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------------------- packaging
+
+
+def test_module_imports_no_tensorflow():
+    # Loaded as a standalone file on the JAX backend, so that only this
+    # module's own imports count.
+    path = os.path.join(os.path.dirname(__file__), "..", "gloro", "lipschitz.py")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lipschitz', {path!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -1,0 +1,168 @@
+"""Certificates never use constants frozen for other weights (issue 8, item 1).
+
+Each test changes the weights of `g.f` by one of the ways Keras offers, then
+checks that a direct inference call certifies nothing, and that every public
+entry point (`predict`, `evaluate`, `certified_radius`, `lipschitz_constant`,
+`save`) refreezes and certifies with the constants of the new weights,
+compared with a fresh GloroNet built on the same weights.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import gloro
+from gloro import layers
+
+
+def blobs(rng, n=300, classes=3, spread=0.15):
+    centres = np.array([[np.cos(a), np.sin(a)] for a in 2 * np.pi * np.arange(classes) / classes])
+    labels = rng.integers(0, classes, size=n)
+    return (centres[labels] + spread * rng.normal(size=(n, 2))).astype("float32"), labels
+
+
+def make_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((2,))
+    z = layers.Dense(16)(x)
+    z = layers.MinMax()(z)
+    z = layers.Dense(16)(z)
+    z = layers.MinMax()(z)
+    return gloro.GloroNet(x, layers.Dense(3)(z), epsilon=0.2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs(np.random.default_rng(0))
+
+
+@pytest.fixture
+def trained(data):
+    x, y = data
+    g = make_net()
+    g.compile(optimizer=keras.optimizers.Adam(1e-2), loss="crossentropy", metrics=["vra"])
+    g.fit(x, y, epochs=8, batch_size=64, verbose=0)
+    assert g.lipschitz_frozen
+    # Many points certified: a stale certificate would show.
+    assert np.mean(np.argmax(g(x, training=False), axis=1) < 3) > 0.5
+    return g
+
+
+def fresh_constants(g):
+    """Constants a new GloroNet computes for the current weights of `g.f`."""
+    other = make_net(seed=1)
+    other.f.set_weights(g.f.get_weights())
+    return other.freeze_lipschitz()
+
+
+def scale_hidden_kernel(g):
+    kernel = g.f.layers[1].kernel
+    kernel.assign(np.asarray(kernel) * 10)
+
+
+def fit_inner_model(g):
+    x, y = blobs(np.random.default_rng(5))
+    g.f.compile(optimizer=keras.optimizers.Adam(5e-2),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    g.f.fit(x, y, epochs=2, batch_size=64, verbose=0)
+
+
+def set_inner_weights(g):
+    g.f.set_weights(make_net(seed=3).f.get_weights())
+
+
+def load_inner_weights(g, tmp_path):
+    path = str(tmp_path / "other.weights.h5")
+    make_net(seed=4).f.save_weights(path)
+    g.f.load_weights(path)
+
+
+def optimizer_loop(g):
+    optimizer = keras.optimizers.SGD(1.0)
+    rng = np.random.default_rng(6)
+    grads = [rng.normal(size=v.shape).astype("float32") for v in g.f.trainable_variables]
+    optimizer.apply(grads, g.f.trainable_variables)
+
+
+CHANGES = {
+    "kernel.assign": scale_hidden_kernel,
+    "f.fit": fit_inner_model,
+    "f.set_weights": set_inner_weights,
+    "f.load_weights": load_inner_weights,
+    "optimizer.apply": optimizer_loop,
+}
+
+
+def apply_change(name, g, tmp_path):
+    change = CHANGES[name]
+    if name == "f.load_weights":
+        change(g, tmp_path)
+    else:
+        change(g)
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_direct_call_certifies_nothing_after_a_weight_change(change, trained, data, tmp_path):
+    x, _ = data
+    apply_change(change, trained, tmp_path)
+    assert not trained.lipschitz_frozen
+    out = keras.ops.convert_to_numpy(trained(x, training=False))
+    assert np.all(np.argmax(out, axis=1) == 3)
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_entry_points_refreeze_for_the_new_weights(change, trained, data, tmp_path):
+    x, y = data
+    apply_change(change, trained, tmp_path)
+    expected = fresh_constants(trained)
+    np.testing.assert_array_equal(trained.lipschitz_constant(), expected)
+    assert trained.lipschitz_frozen
+
+
+@pytest.mark.parametrize("entry", ["predict", "evaluate", "certified_radius", "save"])
+def test_each_entry_point_refreezes(entry, trained, data, tmp_path):
+    x, y = data
+    scale_hidden_kernel(trained)
+    expected = fresh_constants(trained)
+    if entry == "predict":
+        trained.predict(x, verbose=0)
+    elif entry == "evaluate":
+        trained.evaluate(x, y, verbose=0)
+    elif entry == "certified_radius":
+        trained.certified_radius(x)
+    else:
+        trained.save(tmp_path / "m.keras")
+        loaded = gloro.load_model(tmp_path / "m.keras")
+        np.testing.assert_array_equal(loaded.lipschitz_constant(), expected)
+    assert trained.lipschitz_frozen
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(trained._margin_lipschitz), expected)
+
+
+def test_scaled_kernel_certifies_no_more_than_the_new_constants_allow(trained, data):
+    x, _ = data
+    scale_hidden_kernel(trained)
+    out = trained.predict(x, verbose=0)
+    certified = np.argmax(out, axis=1) < 3
+    radius = trained.certified_radius(x)
+    np.testing.assert_array_equal(certified, radius > trained.epsilon)
+
+
+def test_restoring_the_frozen_weights_restores_the_certificates(trained, data):
+    x, _ = data
+    before = keras.ops.convert_to_numpy(trained(x, training=False))
+    kernel = trained.f.layers[1].kernel
+    original = np.asarray(kernel).copy()
+    kernel.assign(original * 10)
+    kernel.assign(original)
+    assert trained.lipschitz_frozen
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(trained(x, training=False)), before)
+
+
+def test_a_training_step_unfreezes_and_fit_refreezes(trained, data):
+    x, y = data
+    trained.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    assert trained.lipschitz_frozen
+    trained.train_on_batch(x[:64], y[:64])
+    assert not trained.lipschitz_frozen
+    out = keras.ops.convert_to_numpy(trained(x, training=False))
+    assert np.all(np.argmax(out, axis=1) == 3)
