@@ -24,18 +24,20 @@ What an audit proves, and what it does not:
   is in the worst case, only that these searches found nothing steeper.
 
 Both functions take the *underlying logits model* (no bottom logit) as a Keras
-model or any TensorFlow-differentiable callable, and run on the TensorFlow
-backend.
+model or any callable that the Keras backend can differentiate (written with
+`keras.ops`, say), and run on the TensorFlow and JAX backends.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 import weakref
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from gloro import backend
 
 # The projection targets a radius a hair under epsilon: float32 rounding of
 # `x + delta` and of the norm then cannot push an iterate that should lie on
@@ -79,10 +81,12 @@ _ROUNDOFF = {
 }
 
 
-# Compiled runs per model, so that repeated calls (a sweep over epsilon, a
-# loop over chunks of a data set) trace once. Models are held weakly, and the
-# runs reach them only through weak references, so the cache never keeps a
-# model alive.
+# Compiled runs per Keras model, so that repeated calls (a sweep over
+# epsilon, a loop over chunks of a data set) trace once. The runs take the
+# model's weights as arguments, so weight changes between calls are seen (JAX
+# would bake weights read while tracing into the compiled run). Models are
+# held weakly, and the runs reach them only through weak references, so the
+# cache never keeps a model alive.
 _COMPILED = weakref.WeakKeyDictionary()
 
 
@@ -120,15 +124,6 @@ class AttackResult:
         return np.where(clean == 0, np.nan, reduction / safe)
 
 
-def _check_tensorflow_backend():
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "gloro.attacks needs the TensorFlow backend for its gradients, "
-            f"but Keras runs on '{keras.backend.backend()}'. Set "
-            "KERAS_BACKEND=tensorflow."
-        )
-
-
 def _as_batch(x):
     x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)
     if x.ndim < 2:
@@ -161,10 +156,16 @@ def _check_nonnegative(name, value):
 
 
 def _logits(f, x, batch_size):
-    """Logits of `f` on `x` in batches, checked to be a finite (n, m) array."""
+    """Logits of `f` on `x` in batches, checked to be a finite (n, m) array.
+
+    Returns:
+        a tuple `(logits, dtype)`: the float32 numpy logits and the name of
+        the dtype `f` computes them in.
+    """
     parts = []
     for start in range(0, x.shape[0], batch_size):
-        out = f(tf.convert_to_tensor(x[start : start + batch_size]))
+        out = f(keras.ops.convert_to_tensor(x[start : start + batch_size]))
+        dtype = keras.backend.standardize_dtype(out.dtype)
         parts.append(np.asarray(keras.ops.convert_to_numpy(out), np.float32))
     logits = np.concatenate(parts)
     if not np.all(np.isfinite(logits)):
@@ -176,7 +177,7 @@ def _logits(f, x, batch_size):
         )
     if logits.shape[1] < 2:
         raise ValueError(f"f must output at least 2 classes, got {logits.shape[1]}.")
-    return logits
+    return logits, dtype
 
 
 def _margins(logits, labels):
@@ -188,12 +189,14 @@ def _margins(logits, labels):
 
 
 def _flat_norms(t):
-    return tf.norm(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+    """L2 norm of each example of a batch."""
+    flat = keras.ops.reshape(t, (-1, math.prod(t.shape[1:])))
+    return keras.ops.sqrt(keras.ops.sum(keras.ops.square(flat), axis=1))
 
 
 def _broadcast_rows(v, like):
     """Reshape a per-example vector so it broadcasts against batch `like`."""
-    return tf.reshape(v, tf.concat([[-1], tf.ones([tf.rank(like) - 1], tf.int32)], 0))
+    return keras.ops.reshape(v, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 def _sphere(rng, shape, radius):
@@ -213,81 +216,144 @@ def _uniform_ball(rng, shape, radius):
     return (_sphere(rng, shape, 1.0) * r).astype(np.float32)
 
 
+def _bucket(rows, batch_size):
+    """Rows to pad a batch to before a compiled run.
+
+    Compiled runs are traced per input shape: padding a short batch to the
+    next power of two (at most `batch_size`) bounds the shapes, and so the
+    traces, that calls with varying sizes need.
+
+    Args:
+        rows: examples in the batch, `1 <= rows <= batch_size`.
+        batch_size: the largest batch.
+
+    Returns:
+        int, the padded number of rows.
+    """
+    return min(batch_size, 1 << (rows - 1).bit_length())
+
+
+def _pad(array, rows):
+    """Repeats the last row of a batch.
+
+    Examples are independent, so the repeated rows change nothing for the
+    others; their results are dropped.
+
+    Args:
+        array: numpy array `(n, ...)`.
+        rows: rows wanted, `>= n`.
+
+    Returns:
+        numpy array `(rows, ...)`.
+    """
+    extra = [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, extra, mode="edge")
+
+
+def _stateless_logits(model_ref, weights, batch):
+    """Logits of a weakly referenced Keras model, with its weights passed in.
+
+    Args:
+        model_ref: weak reference to the model.
+        weights: `(trainable, non_trainable)`, lists of tensors in the order
+            of the model's variables.
+        batch: input batch.
+
+    Returns:
+        the model's output on `batch`.
+    """
+    trainable, non_trainable = weights
+    logits, _ = model_ref().stateless_call(trainable, non_trainable, batch)
+    return logits
+
+
 def _compiled(f, key, build):
-    """The run `build(call, *key)` for model `f`, from the cache if possible."""
-    try:
-        runs = _COMPILED.setdefault(f, {})
-    except TypeError:
-        # Not weakly referenceable (or not hashable): compile for this call.
-        return build(f, *key)
-    if key not in runs:
-        ref = weakref.ref(f)
-        runs[key] = build(lambda batch: ref()(batch), *key)
-    return runs[key]
+    """A compiled run for `f` and the weights to call it with.
 
+    Args:
+        f: the logits model or callable.
+        key: hashable tuple of the run's static settings.
+        build: `build(logits, *key)` returns a function of `(weights, ...)`
+            in which `logits(weights, batch)` gives the logits of `f`.
 
-def _make_pgd_run(f, steps, clip, input_shape, num_classes):
-    """Builds one compiled PGD run over a batch; see `pgd_l2`."""
-    input_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
-
-    def evaluate(x, delta, label_mask, attack_mask):
-        x_now = x + delta
-        with tf.GradientTape() as tape:
-            tape.watch(x_now)
-            logits = tf.cast(f(x_now), tf.float32)
-            true_logit = tf.reduce_sum(tf.where(label_mask, logits, 0.0), axis=1)
-            other = tf.reduce_max(tf.where(label_mask, -np.inf, logits), axis=1)
-            attacked = tf.reduce_max(tf.where(attack_mask, logits, -np.inf), axis=1)
-            # Examples are independent, so the gradient of the sum is the
-            # per-example gradient.
-            loss = tf.reduce_sum(true_logit - attacked)
-        grad = tape.gradient(loss, x_now)
-        return x_now, true_logit - other, grad
-
-    def admit(x, x_now, margin, epsilon, best_x, best_margin):
-        # Only points that really lie in the ball may become the answer,
-        # measured on the rounded float32 point that would be returned.
-        inside = _flat_norms(x_now - x) <= epsilon
-        better = tf.logical_and(inside, margin < best_margin)
-        best_x = tf.where(_broadcast_rows(better, x), x_now, best_x)
-        return best_x, tf.where(better, margin, best_margin)
-
-    def project(x, delta, epsilon):
-        radius = epsilon * _PROJECTION_SHRINK
-        norms = _flat_norms(delta)
-        scale = tf.minimum(1.0, radius / tf.maximum(norms, 1e-30))
-        delta = delta * _broadcast_rows(scale, delta)
-        if clip is None:
-            return delta
-        # x lies in the box, so clipping only shortens coordinates of delta
-        # and keeps the point in the ball.
-        return tf.clip_by_value(x + delta, clip[0], clip[1]) - x
-
-    @tf.function(
-        input_signature=[
-            input_spec,
-            tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None, num_classes], tf.bool),
-            input_spec,
-            tf.TensorSpec([], tf.float32),
-            tf.TensorSpec([], tf.float32),
-        ]
+    Returns:
+        a tuple `(run, weights)`. For a Keras layer or model, `run` calls it
+        statelessly on `weights`, its current variable values, and is cached
+        per model and key. Any other callable is called as is, with no
+        weights, and compiled for this call only: it may read state that
+        changes between calls.
+    """
+    if not isinstance(f, keras.Layer):
+        return backend.compiled(build(lambda weights, batch: f(batch), *key)), ()
+    weights = (
+        [keras.ops.convert_to_tensor(v) for v in f.trainable_variables],
+        [keras.ops.convert_to_tensor(v) for v in f.non_trainable_variables],
     )
-    def run(x, labels, attack_mask, delta, epsilon, step_size):
-        label_mask = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
-        delta = project(x, delta, epsilon)
-        best_x = x
-        best_margin = tf.fill(tf.shape(labels), tf.constant(np.inf, tf.float32))
-        for _ in tf.range(steps):
-            x_now, margin, grad = evaluate(x, delta, label_mask, attack_mask)
-            best_x, best_margin = admit(x, x_now, margin, epsilon, best_x, best_margin)
+    runs = _COMPILED.setdefault(f, {})
+    if key not in runs:
+        logits = functools.partial(_stateless_logits, weakref.ref(f))
+        runs[key] = backend.compiled(build(logits, *key))
+    return runs[key], weights
+
+
+def _make_pgd_run(logits_of, steps, clip):
+    """Builds one PGD run over a batch; see `pgd_l2`."""
+
+    def run(weights, x, label_mask, attack_mask, delta, epsilon, step_size):
+        def loss_and_margin(x_now):
+            logits = keras.ops.cast(logits_of(weights, x_now), "float32")
+            true_logit = keras.ops.sum(keras.ops.where(label_mask, logits, 0.0), axis=1)
+            other = keras.ops.max(keras.ops.where(label_mask, -np.inf, logits), axis=1)
+            attacked = keras.ops.max(keras.ops.where(attack_mask, logits, -np.inf), axis=1)
+            # Row 0 is the loss to descend; examples are independent, so the
+            # gradient of its sum is the per-example gradient. Row 1, the
+            # margin, only rides along: without a gradient it adds nothing.
+            return keras.ops.stack(
+                [true_logit - attacked, keras.ops.stop_gradient(true_logit - other)]
+            )
+
+        value_and_grad = backend.value_and_grad(loss_and_margin)
+
+        def evaluate(delta):
+            x_now = x + delta
+            values, grad = value_and_grad(x_now)
+            return x_now, values[1], grad
+
+        def admit(x_now, margin, best_x, best_margin):
+            # Only points that really lie in the ball may become the answer,
+            # measured on the rounded float32 point that would be returned.
+            inside = _flat_norms(x_now - x) <= epsilon
+            better = keras.ops.logical_and(inside, margin < best_margin)
+            best_x = keras.ops.where(_broadcast_rows(better, x), x_now, best_x)
+            return best_x, keras.ops.where(better, margin, best_margin)
+
+        def project(delta):
+            radius = epsilon * _PROJECTION_SHRINK
+            norms = _flat_norms(delta)
+            scale = keras.ops.minimum(1.0, radius / keras.ops.maximum(norms, 1e-30))
+            delta = delta * _broadcast_rows(scale, delta)
+            if clip is None:
+                return delta
+            # x lies in the box, so clipping only shortens coordinates of
+            # delta and keeps the point in the ball.
+            return keras.ops.clip(x + delta, clip[0], clip[1]) - x
+
+        def step(_, state):
+            delta, best_x, best_margin = state
+            x_now, margin, grad = evaluate(delta)
+            best_x, best_margin = admit(x_now, margin, best_x, best_margin)
             # Normalised steps: the margin's gradient scale says nothing about
             # how far to move, and a zero gradient must give a zero step.
             norms = _broadcast_rows(_flat_norms(grad), grad)
-            direction = tf.math.divide_no_nan(grad, norms)
-            delta = project(x, delta - step_size * direction, epsilon)
-        x_now, margin, _ = evaluate(x, delta, label_mask, attack_mask)
-        return admit(x, x_now, margin, epsilon, best_x, best_margin)
+            direction = keras.ops.divide_no_nan(grad, norms)
+            return project(delta - step_size * direction), best_x, best_margin
+
+        best_margin = keras.ops.full((x.shape[0],), np.inf, dtype="float32")
+        delta, best_x, best_margin = keras.ops.fori_loop(
+            0, steps, step, (project(delta), x, best_margin)
+        )
+        x_now, margin, _ = evaluate(delta)
+        return admit(x_now, margin, best_x, best_margin)
 
     return run
 
@@ -327,8 +393,10 @@ def pgd_l2(
       attack exact on linear models.
 
     Args:
-        f: the logits model: a Keras model or a TensorFlow-differentiable
-            callable mapping a float32 batch `(n, ...)` to logits `(n, m)`.
+        f: the logits model: a Keras model (called with the values its
+            weights have at the time of the call) or a callable that the
+            Keras backend can differentiate, mapping a float32 batch
+            `(n, ...)` to logits `(n, m)`.
         x: numpy array or tensor `(n, ...)`, the points to attack.
         epsilon: radius of the L2 ball, a finite number `>= 0`.
         labels: int array `(n,)`, the class whose margin is attacked. Defaults
@@ -362,7 +430,6 @@ def pgd_l2(
     print(result.success.mean(), result.relative_reduction().mean())
     ```
     """
-    _check_tensorflow_backend()
     epsilon = _check_nonnegative("epsilon", epsilon)
     steps = _check_int("steps", steps, 0)
     restarts = _check_int("restarts", restarts, 1)
@@ -381,7 +448,7 @@ def pgd_l2(
             raise ValueError(f"x lies outside the clip box {clip}.")
 
     n = x.shape[0]
-    logits = _logits(f, x, batch_size)
+    logits, _ = _logits(f, x, batch_size)
     num_classes = logits.shape[1]
     if labels is None:
         labels = np.argmax(logits, axis=1)
@@ -405,7 +472,10 @@ def pgd_l2(
         np.eye(num_classes, dtype=bool)[ranked[:, k]] for k in range(num_classes - 1)
     ]
 
-    run = _compiled(f, (steps, clip, x.shape[1:], num_classes), _make_pgd_run)
+    run, weights = _compiled(f, (steps, clip), _make_pgd_run)
+    # Tensors, not Python floats: new values must not retrace the run.
+    epsilon_t = keras.ops.convert_to_tensor(epsilon, "float32")
+    step_size_t = keras.ops.convert_to_tensor(step_size, "float32")
     rng = np.random.default_rng(seed)
     best_x = x.copy()
     best_margin = clean_margin.copy()
@@ -413,6 +483,7 @@ def pgd_l2(
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
         xb = x[rows]
+        padded = _bucket(xb.shape[0], batch_size)
         for restart in range(restarts):
             if restart == 0:
                 delta = np.zeros_like(xb)
@@ -422,12 +493,15 @@ def pgd_l2(
                 # Targets 1..m-1 in rank order, then the untargeted loss.
                 mask = attack_masks[restart % num_classes]
             run_x, run_margin = run(
-                xb, labels[rows], mask[rows], delta, epsilon, step_size
+                weights,
+                *(_pad(a, padded) for a in (xb, label_mask[rows], mask[rows], delta)),
+                epsilon_t,
+                step_size_t,
             )
-            run_margin = run_margin.numpy()
+            run_margin = keras.ops.convert_to_numpy(run_margin)[: xb.shape[0]]
             better = run_margin < best_margin[rows]
             best_margin[rows] = np.where(better, run_margin, best_margin[rows])
-            best_x[rows][better] = run_x.numpy()[better]
+            best_x[rows][better] = keras.ops.convert_to_numpy(run_x)[: xb.shape[0]][better]
             progbar.add(1)
 
     # The in-graph ball test is done in float32; re-check in float64 and fall
@@ -446,76 +520,76 @@ def pgd_l2(
     )
 
 
-def _make_lipschitz_run(f, steps, input_shape):
-    """Builds one compiled witness-pair ascent over a batch of (point, pair)."""
-    input_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
+def _make_lipschitz_run(logits_of, steps, trust):
+    """Builds one witness-pair ascent over a batch of (point, pair).
 
-    def evaluate(a, b, ci, cj):
-        n = tf.shape(a)[0]
-        with tf.GradientTape() as tape:
-            ab = tf.concat([a, b], axis=0)
-            tape.watch(ab)
-            raw = f(ab)
-            logits = tf.cast(raw, tf.float32)
-            rows = tf.range(2 * n)
-            g = tf.gather_nd(logits, tf.stack([rows, tf.concat([ci, ci], 0)], 1))
-            g -= tf.gather_nd(logits, tf.stack([rows, tf.concat([cj, cj], 0)], 1))
-            # Each g depends only on its own row, so one gradient of the sum
+    `trust` is the smallest relative separation at which a ratio counts; see
+    `_RATIO_TRUST_ROUNDOFFS`.
+    """
+
+    def run(weights, a, b, ci, cj, scale, max_separation):
+        def margin(ab):
+            logits = keras.ops.cast(logits_of(weights, ab), "float32")
+
+            def logit(classes):
+                classes = keras.ops.concatenate([classes, classes])[:, None]
+                return keras.ops.take_along_axis(logits, classes, axis=1)[:, 0]
+
+            # Each g depends only on its own row, so the gradient of the sum
             # gives every per-row gradient of f_i - f_j.
-            total = tf.reduce_sum(g)
-        grad = tape.gradient(total, ab)
-        grad_a, grad_b = grad[:n], grad[n:]
-        gap = g[:n] - g[n:]
-        diff = a - b
-        sep = _flat_norms(diff)
-        ratio = tf.abs(gap) / sep
-        size = tf.maximum(_flat_norms(a), _flat_norms(b))
-        trust = _RATIO_TRUST_ROUNDOFFS * _ROUNDOFF[tf.as_dtype(raw.dtype).name]
-        trusted = tf.where(sep >= trust * size, ratio, 0.0)
-        local = tf.maximum(_flat_norms(grad_a), _flat_norms(grad_b))
-        found = tf.maximum(trusted, local)
-        return found, ratio, gap, grad_a, grad_b, diff, sep
+            return logit(ci) - logit(cj)
 
-    def separate(a, b, lo, hi):
-        # Move both ends along their difference, about the midpoint, until
-        # the separation lies in [lo, hi].
-        diff = a - b
-        sep = _flat_norms(diff)
-        factor = tf.clip_by_value(sep, lo, hi) / tf.maximum(sep, 1e-30)
-        mid = (a + b) / 2
-        half = diff * _broadcast_rows(factor, diff) / 2
-        return mid + half, mid - half
+        value_and_grad = backend.value_and_grad(margin)
+        n = a.shape[0]
 
-    @tf.function(
-        input_signature=[
-            input_spec,
-            input_spec,
-            tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([], tf.float32),
-            tf.TensorSpec([], tf.float32),
-        ]
-    )
-    def run(a, b, ci, cj, scale, max_separation):
-        min_separation = tf.minimum(_MIN_SEPARATION * scale, max_separation)
-        best = tf.zeros(tf.shape(ci), tf.float32)
-        for _ in tf.range(steps):
-            found, ratio, gap, grad_a, grad_b, diff, sep = evaluate(a, b, ci, cj)
-            best = tf.maximum(best, found)
+        def evaluate(a, b):
+            g, grad = value_and_grad(keras.ops.concatenate([a, b], axis=0))
+            grad_a, grad_b = grad[:n], grad[n:]
+            gap = g[:n] - g[n:]
+            diff = a - b
+            sep = _flat_norms(diff)
+            ratio = keras.ops.abs(gap) / sep
+            size = keras.ops.maximum(_flat_norms(a), _flat_norms(b))
+            trusted = keras.ops.where(sep >= trust * size, ratio, 0.0)
+            local = keras.ops.maximum(_flat_norms(grad_a), _flat_norms(grad_b))
+            found = keras.ops.maximum(trusted, local)
+            return found, ratio, gap, grad_a, grad_b, diff, sep
+
+        def separate(a, b, lo, hi):
+            # Move both ends along their difference, about the midpoint, until
+            # the separation lies in [lo, hi].
+            diff = a - b
+            sep = _flat_norms(diff)
+            clipped = keras.ops.minimum(keras.ops.maximum(sep, lo), hi)
+            factor = clipped / keras.ops.maximum(sep, 1e-30)
+            mid = (a + b) / 2
+            half = diff * _broadcast_rows(factor, diff) / 2
+            return mid + half, mid - half
+
+        min_separation = keras.ops.minimum(_MIN_SEPARATION * scale, max_separation)
+
+        def step(_, state):
+            a, b, best = state
+            found, ratio, gap, grad_a, grad_b, diff, sep = evaluate(a, b)
+            best = keras.ops.maximum(best, found)
             # Gradient of |g(a) - g(b)| / ||a - b|| with respect to a and b.
-            sign = _broadcast_rows(tf.sign(gap), diff)
+            sign = _broadcast_rows(keras.ops.sign(gap), diff)
             sep_rows = _broadcast_rows(sep, diff)
             pull = _broadcast_rows(ratio, diff) * diff / sep_rows**2
             d_a = sign * grad_a / sep_rows - pull
             d_b = -sign * grad_b / sep_rows + pull
-            joint = tf.sqrt(_flat_norms(d_a) ** 2 + _flat_norms(d_b) ** 2)
-            length = tf.math.divide_no_nan(_ASCENT_STEP * tf.minimum(sep, scale), joint)
-            length = _broadcast_rows(length, diff)
-            a, b = separate(
-                a + length * d_a, b + length * d_b, min_separation, max_separation
+            joint = keras.ops.sqrt(_flat_norms(d_a) ** 2 + _flat_norms(d_b) ** 2)
+            length = keras.ops.divide_no_nan(
+                _ASCENT_STEP * keras.ops.minimum(sep, scale), joint
             )
-        found, *_ = evaluate(a, b, ci, cj)
-        return tf.maximum(best, found)
+            length = _broadcast_rows(length, diff)
+            a, b = separate(a + length * d_a, b + length * d_b, min_separation, max_separation)
+            return a, b, best
+
+        best = keras.ops.zeros((n,), dtype="float32")
+        a, b, best = keras.ops.fori_loop(0, steps, step, (a, b, best))
+        found, *_ = evaluate(a, b)
+        return keras.ops.maximum(best, found)
 
     return run
 
@@ -545,8 +619,10 @@ def empirical_margin_lipschitz(
     on two points each.
 
     Args:
-        f: the logits model: a Keras model or a TensorFlow-differentiable
-            callable mapping a float32 batch `(n, ...)` to logits `(n, m)`.
+        f: the logits model: a Keras model (called with the values its
+            weights have at the time of the call) or a callable that the
+            Keras backend can differentiate, mapping a float32 batch
+            `(n, ...)` to logits `(n, m)`.
         x: numpy array or tensor `(n, ...)`, the starting points.
         steps: ascent steps per (point, pair), `>= 0`; 0 only measures the
             local gradients next to `x`.
@@ -576,7 +652,6 @@ def empirical_margin_lipschitz(
     assert np.all(lower <= upper * (1 + 1e-5))  # upper: the certified K
     ```
     """
-    _check_tensorflow_backend()
     steps = _check_int("steps", steps, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     if radius is not None:
@@ -585,7 +660,8 @@ def empirical_margin_lipschitz(
             raise ValueError("radius must be > 0: a pair needs two distinct points.")
     x = _as_batch(x)
     n = x.shape[0]
-    num_classes = _logits(f, x, batch_size).shape[1]
+    logits, dtype = _logits(f, x, batch_size)
+    num_classes = logits.shape[1]
 
     if radius is None:
         scale = float(np.mean(np.linalg.norm(x.reshape(n, -1), axis=1)))
@@ -598,7 +674,11 @@ def empirical_margin_lipschitz(
     ci = np.tile(pair_i, n).astype(np.int32)
     cj = np.tile(pair_j, n).astype(np.int32)
 
-    run = _compiled(f, (steps, x.shape[1:]), _make_lipschitz_run)
+    trust = _RATIO_TRUST_ROUNDOFFS * _ROUNDOFF[dtype]
+    run, weights = _compiled(f, (steps, trust), _make_lipschitz_run)
+    # Tensors, not Python floats: new values must not retrace the run.
+    scale_t = keras.ops.convert_to_tensor(scale, "float32")
+    max_separation_t = keras.ops.convert_to_tensor(max_separation, "float32")
     rng = np.random.default_rng(seed)
     best = np.zeros(len(point), np.float32)
     progbar = keras.utils.Progbar(len(point), verbose=verbose)
@@ -607,14 +687,14 @@ def empirical_margin_lipschitz(
         xb = x[point[rows]]
         a = xb + _sphere(rng, xb.shape, _KINK_ESCAPE * scale)
         b = a + _sphere(rng, xb.shape, _MIN_SEPARATION * scale)
-        best[rows] = run(
-            a.astype(np.float32),
-            b.astype(np.float32),
-            ci[rows],
-            cj[rows],
-            scale,
-            max_separation,
-        ).numpy()
+        padded = _bucket(xb.shape[0], batch_size)
+        found = run(
+            weights,
+            *(_pad(v, padded) for v in (a.astype(np.float32), b.astype(np.float32), ci[rows], cj[rows])),
+            scale_t,
+            max_separation_t,
+        )
+        best[rows] = keras.ops.convert_to_numpy(found)[: xb.shape[0]]
         progbar.add(xb.shape[0])
 
     lip = np.zeros((num_classes, num_classes), np.float32)

@@ -38,6 +38,10 @@ Splits are `"train"`, `"test"` (or any split name of a tfds dataset or of a
 folder of per-split `.npz` files), optionally sliced in tensorflow-datasets
 syntax: `"train[:1000]"`, `"train[-10%:]"`, `"test[25%:75%]"`. Percentages
 are rounded to the closest example, as tensorflow-datasets does.
+
+The pipelines are `tf.data`, which Keras accepts on every backend, so this
+module needs TensorFlow even when Keras runs on JAX; without it, importing
+the module raises an `ImportError` that says what to install.
 """
 
 import dataclasses
@@ -53,7 +57,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
+
+from gloro import backend
+
+# tf.data feeds Keras on every backend; only this module needs TensorFlow.
+tf = backend.require_tensorflow("gloro.data (tf.data input pipelines)")
 
 AUGMENTATIONS = ("none", "standard", "all")
 

@@ -10,20 +10,23 @@ logarithmic ramp from 1% to 110% of epsilon over the first half of training,
 then held), the learning rate `--lr` times `--lr-schedule` (by default held
 for the first half of training, then a half-cosine decay to 1% of `--lr`),
 and for TRADES losses the loss's lambda times `--trades-schedule`. Schedules
-use the syntax of `gloro.schedules`. The final model certifies at exactly
-`--epsilon`.
+use the syntax of `gloro.schedules`; the learning rate is a
+`gloro.schedules.ScheduledLearningRate` of the optimizer. The final model
+certifies at exactly `--epsilon`.
+
+Runs on Keras' TensorFlow and JAX backends (`KERAS_BACKEND`); the input
+pipeline is tf.data and the SavedModel export needs TensorFlow on either.
 
 Files written into `--out` (default `runs/<dataset>_<architecture>`):
 
-- `model.keras`: the GloroNet (load with `keras.saving.load_model` after
-  `import gloro`).
+- `model.keras`: the GloroNet (load with `gloro.load_model`).
 - `saved_model/`: TensorFlow SavedModel; `tf.saved_model.load(path).serve(x)`
   returns the `m + 1` logits (the last is ⊥) without gloro.
 - `results.json`: train and test clean accuracy, VRA and rejection rate of
   the final model at `--epsilon`, its Lipschitz constant, seconds per epoch,
   peak memory, the configuration and library versions.
 - `history.csv`: per-epoch training logs (loss, metrics, `lipschitz`,
-  `epsilon`, `epoch_seconds`).
+  `epsilon`, `learning_rate` and `epoch_seconds` at the end of the epoch).
 - `logs/`: TensorBoard logs.
 
 Interrupted runs resume: running the same command again continues from the
@@ -34,6 +37,8 @@ results in `--out`.
 """
 
 import csv
+import functools
+import importlib
 import json
 import math
 import os
@@ -47,7 +52,6 @@ from typing import Annotated, Literal
 
 import keras
 import numpy as np
-import tensorflow as tf
 import typer
 
 # Lets `python scripts/train.py` run from a checkout without installing gloro.
@@ -61,15 +65,17 @@ Activation = Literal[tuple(sorted(architectures.ACTIVATIONS))]
 Augmentation = Literal[data.AUGMENTATIONS]
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` to the epoch logs, so that history.csv, which
-    survives a resume, holds the duration of every epoch."""
+class _EpochLogs(keras.callbacks.Callback):
+    """Adds `epoch_seconds` and the `learning_rate` reached to the epoch
+    logs, so that history.csv, which survives a resume, holds them for every
+    epoch."""
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs["epoch_seconds"] = time.perf_counter() - self._start
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 class _HistoryLogger(keras.callbacks.CSVLogger):
@@ -111,9 +117,17 @@ def _schedule(flag, spec):
         _fail(flag, str(err))
 
 
-def _optimizer(spec, lr):
+def _optimizer(spec):
+    """Parses `--optimizer`.
+
+    Args:
+        spec: `"adam"`, `"sgd"` or `"sgd.<momentum>"`.
+
+    Returns:
+        a function of `learning_rate` that builds the optimizer.
+    """
     if spec == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.Adam
     name, _, momentum = spec.partition(".")
     if name == "sgd":
         try:
@@ -122,7 +136,7 @@ def _optimizer(spec, lr):
             pass
         else:
             if 0.0 <= momentum < 1.0:
-                return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+                return functools.partial(keras.optimizers.SGD, momentum=momentum)
     _fail("--optimizer", f"expected 'adam', 'sgd' or 'sgd.<momentum>' with momentum in [0, 1), got {spec!r}.")
 
 
@@ -136,34 +150,46 @@ def _load(dataset, split, data_dir):
 def _peak_memory_mb():
     # ru_maxrss is in KiB on Linux.
     memory = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if tf.config.list_physical_devices("GPU"):
-        memory["gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    # Keras has no memory statistics of its own: ask the backend, which
+    # knows them only for an accelerator.
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            memory["gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        stats = jax.local_devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            memory[f"{jax.default_backend()}_mb"] = stats["peak_bytes_in_use"] / 2**20
     return memory
 
 
 def _versions():
-    return {
+    versions = {
         "gloro": gloro.__version__,
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
+        "keras_backend": keras.backend.backend(),
     }
+    # TensorFlow runs the tf.data input pipeline on every backend.
+    for module in sorted({"tensorflow", keras.backend.backend()}):
+        versions[module] = importlib.import_module(module).__version__
+    return {**versions, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _callbacks(out, epsilon, lr, epsilon_multipliers, lr_multipliers, trades_multipliers, loss_fn):
+def _callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
     # Schedules get explicit base values: a restored model holds the
-    # scheduled values, not the bases.
-    schedule_callbacks = [
-        callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon),
-        callbacks.LearningRateScheduler(lr_multipliers, learning_rate=lr),
-    ]
+    # scheduled values, not the bases. The learning rate needs no callback:
+    # the optimizer computes it from its step counter, which a resumed run
+    # restores.
+    schedule_callbacks = [callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon)]
     if isinstance(loss_fn, losses.Trades):
         schedule_callbacks.append(
-            callbacks.TradesScheduler(trades_multipliers, lam=float(loss_fn.lam.numpy()))
+            callbacks.TradesScheduler(trades_multipliers, lam=float(keras.ops.convert_to_numpy(loss_fn.lam)))
         )
     return [
-        _EpochTimer(),
+        _EpochLogs(),
         *schedule_callbacks,
         # Logging before backing up: an epoch logged but not backed up is
         # redone and its row replaced; the other order would lose the row.
@@ -235,7 +261,7 @@ def train(
     if not (math.isfinite(lr) and lr > 0):
         _fail("--lr", f"must be a finite number > 0, got {lr}.")
     epsilon_multipliers = _schedule("--epsilon-schedule", epsilon_schedule)
-    lr_multipliers = _schedule("--lr-schedule", lr_schedule)
+    _schedule("--lr-schedule", lr_schedule)
     trades_multipliers = _schedule("--trades-schedule", trades_schedule)
     try:
         loss_fn = losses.get(loss)
@@ -245,7 +271,7 @@ def train(
         _fail("--loss", f"expected a gloro loss such as 'crossentropy' or 'trades_kl.1.5', got {loss!r}.")
     if not isinstance(loss_fn, losses.Trades) and trades_schedule != "fixed":
         _fail("--trades-schedule", f"needs a TRADES loss such as 'trades_kl.1.5', but --loss is {loss!r}.")
-    opt = _optimizer(optimizer, lr)
+    make_optimizer = _optimizer(optimizer)
     out = Path(out or f"runs/{dataset}_{architecture}")
     config["out"] = str(out)
 
@@ -255,7 +281,13 @@ def train(
     keras.utils.set_random_seed(seed)
     f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
     g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
-    g.compile(optimizer=opt, loss=loss_fn, metrics=["clean_acc", "vra", "rejection_rate"])
+    total_steps = epochs * math.ceil(info.num_examples / batch_size)
+    learning_rate = schedules.ScheduledLearningRate(lr_schedule, lr, total_steps)
+    g.compile(
+        optimizer=make_optimizer(learning_rate=learning_rate),
+        loss=loss_fn,
+        metrics=["clean_acc", "vra", "rejection_rate"],
+    )
 
     backup = out / "backup"
     if backup.exists():
@@ -269,9 +301,7 @@ def train(
         epochs=epochs,
         shuffle=False,  # the pipeline shuffles
         verbose=verbose,
-        callbacks=_callbacks(
-            out, epsilon, lr, epsilon_multipliers, lr_multipliers, trades_multipliers, loss_fn
-        ),
+        callbacks=_callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn),
     )
 
     g.epsilon = epsilon

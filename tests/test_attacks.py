@@ -6,7 +6,8 @@ of radius eps, the smallest adversarial distance is
 `min_i (f_y - f_i)(x) / ||w_y - w_i||`, and the Lipschitz constant of
 `f_i - f_j` is `||w_i - w_j||`. For ReLU networks the products of spectral
 norms bound the Lipschitz constants from above, and points constructed next
-to a decision boundary must fall to the attack.
+to a decision boundary must fall to the attack. Everything here runs on the
+TensorFlow and on the JAX backend.
 """
 
 import gc
@@ -16,7 +17,6 @@ import weakref
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from gloro import attacks
 
@@ -164,13 +164,22 @@ def test_affine_lipschitz_is_weight_gap(affine, radius):
     assert np.all(lower >= exact * 0.99)
 
 
-def _gradient_norms(model, x, m):
-    """Exact ||grad (f_i - f_j)(x_k)|| maximised over the points x_k."""
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        out = model(x)
-    jac = tape.batch_jacobian(out, x).numpy().reshape(len(x), m, -1)
+def _gradient_norms(model, x):
+    """Exact ||grad (f_i - f_j)(x_k)|| of a ReLU MLP from `_relu_mlp`,
+    maximised over the points x_k."""
+    (w1, b1), (w2, b2), (w3, _) = (
+        [w.astype(np.float64) for w in layer.get_weights()] for layer in model.layers
+    )
+    h1 = x.astype(np.float64) @ w1 + b1
+    h2 = np.maximum(h1, 0) @ w2 + b2
+    # The Jacobian at x_k is W3^T D2 W2^T D1 W1^T, with D the ReLU's 0/1
+    # derivatives on the pre-activations.
+    jac = np.stack(
+        [
+            w3.T @ ((h2[k] > 0)[:, None] * w2.T) @ ((h1[k] > 0)[:, None] * w1.T)
+            for k in range(len(x))
+        ]
+    )
     return np.linalg.norm(jac[:, :, None] - jac[:, None, :], axis=3).max(axis=0)
 
 
@@ -187,7 +196,7 @@ def test_relu_mlp_lipschitz_between_gradient_and_spectral_bounds():
 
     assert np.all(lower <= upper * (1 + 1e-5))
     # The ascent only ever adds to the local gradients next to x.
-    assert np.all(lower >= _gradient_norms(model, x, m) * (1 - 1e-3))
+    assert np.all(lower >= _gradient_norms(model, x) * (1 - 1e-3))
     assert np.all(lower[~np.eye(m, dtype=bool)] > 0)
 
 
@@ -318,13 +327,16 @@ def test_x_adv_stays_in_the_ball_at_the_limits_of_float32(affine):
 def test_results_are_reproducible_and_accept_tensors_and_callables(affine):
     W, b, model = affine
     x = np.random.default_rng(14).standard_normal((6, 8)).astype(np.float32)
-    W32, b32 = tf.constant(W, tf.float32), tf.constant(b, tf.float32)
+    W32 = keras.ops.convert_to_tensor(W, "float32")
+    b32 = keras.ops.convert_to_tensor(b, "float32")
 
     def plain(batch):
-        return tf.matmul(batch, W32) + b32
+        return keras.ops.matmul(batch, W32) + b32
 
     first = attacks.pgd_l2(model, x, 0.4, steps=20, restarts=3, seed=5)
-    again = attacks.pgd_l2(plain, tf.constant(x), 0.4, steps=20, restarts=3, seed=5)
+    again = attacks.pgd_l2(
+        plain, keras.ops.convert_to_tensor(x), 0.4, steps=20, restarts=3, seed=5
+    )
     np.testing.assert_allclose(first.x_adv, again.x_adv, atol=1e-5)
     np.testing.assert_allclose(first.margin, again.margin, atol=1e-5)
 
@@ -385,9 +397,9 @@ def test_bad_logits_and_lipschitz_arguments_raise(affine):
     _, _, model = affine
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(ValueError, match="at least 2 classes"):
-        attacks.pgd_l2(lambda batch: tf.reduce_sum(batch, 1, keepdims=True), x, 0.1)
+        attacks.pgd_l2(lambda batch: keras.ops.sum(batch, 1, keepdims=True), x, 0.1)
     with pytest.raises(ValueError, match=r"\(n, m\)"):
-        attacks.pgd_l2(lambda batch: tf.reduce_sum(batch, 1), x, 0.1)
+        attacks.pgd_l2(lambda batch: keras.ops.sum(batch, 1), x, 0.1)
     for radius in [0.0, -1.0, math.inf]:
         with pytest.raises(ValueError, match="radius"):
             attacks.empirical_margin_lipschitz(model, x, radius=radius)
@@ -396,18 +408,69 @@ def test_bad_logits_and_lipschitz_arguments_raise(affine):
 
 
 def test_repeated_calls_reuse_one_trace_without_keeping_the_model_alive():
+    calls = []
+
+    class Counting(keras.layers.Layer):
+        """Identity whose `call` runs once per eager call and once per trace."""
+
+        def call(self, inputs):
+            calls.append(None)
+            return inputs
+
     model = _relu_mlp(4, 8, 3, seed=16)
-    x = np.random.default_rng(17).standard_normal((5, 4)).astype(np.float32)
-    for eps in [0.1, 0.2, 0.3]:
+    model.add(Counting())
+    x = np.random.default_rng(17).standard_normal((7, 4)).astype(np.float32)
+    attacks.pgd_l2(model, x, 0.1, steps=5, restarts=2)
+    traced = len(calls)
+    # Other radii and another number of rows in the same padded batch; each
+    # call evaluates the model once outside the compiled run, on x.
+    for eps in [0.2, 0.3]:
         attacks.pgd_l2(model, x, eps, steps=5, restarts=2)
-    attacks.pgd_l2(model, x[:2], 0.1, steps=5, restarts=2)
-    (run,) = attacks._COMPILED[model].values()
-    assert run.experimental_get_tracing_count() == 1
+    attacks.pgd_l2(model, x[:5], 0.1, steps=5, restarts=2)
+    assert len(calls) == traced + 3
 
     alive = weakref.ref(model)
-    del model, run
+    del model
     gc.collect()
     assert alive() is None
+
+
+def test_weight_changes_between_calls_are_seen():
+    rng = np.random.default_rng(19)
+    W, b = rng.standard_normal((5, 3)), rng.standard_normal(3)
+    model = _affine_model(W, b)
+    kernel = keras.Variable(W.astype(np.float32))
+
+    def plain(batch):
+        return keras.ops.matmul(batch, kernel)
+
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    # Same arguments before and after the change: a cached compiled run with
+    # the old weights baked in would be reused.
+    for f in (model, plain):
+        attacks.pgd_l2(f, x, 0.3, restarts=3)
+        attacks.empirical_margin_lipschitz(f, x, steps=10)
+
+    W2 = 3.0 * W[:, ::-1]
+    model.layers[0].set_weights([W2.astype(np.float32), b.astype(np.float32)])
+    kernel.assign(W2.astype(np.float32))
+    exact = np.linalg.norm(W2.T[:, None, :] - W2.T[None, :, :], axis=2)
+    for f, bias in ((model, b), (plain, np.zeros(3))):
+        result = attacks.pgd_l2(f, x, 0.3, restarts=3)
+        # The margins are those of the new weights at the points returned,
+        # and close to their optimum, which no point in the ball beats.
+        logits = result.x_adv.astype(np.float64) @ W2 + bias
+        y = np.argmax(x.astype(np.float64) @ W2 + bias, axis=1)
+        others = np.where(np.eye(3, dtype=bool)[y], -np.inf, logits)
+        np.testing.assert_allclose(
+            logits[np.arange(len(y)), y] - others.max(axis=1), result.margin, atol=1e-4
+        )
+        optimum = _affine_optimum(W2, bias, x, 0.3)
+        assert np.all(result.margin >= optimum - 1e-4)
+        assert np.all(result.margin <= optimum + 0.01 * np.abs(optimum))
+        lower = attacks.empirical_margin_lipschitz(f, x, steps=10)
+        assert np.all(lower <= exact * (1 + 1e-5) + 1e-6)
+        assert np.all(lower >= exact * 0.99)
 
 
 def test_low_precision_logits_do_not_inflate_the_lipschitz_bound():

@@ -1,15 +1,19 @@
 """Tests for gloro.data: local IDX/npz loading, tfds fallback, pipelines."""
 
 import gzip
+import importlib
 import os
 import struct
+import sys
 import types
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from gloro import data
+# tf.data needs TensorFlow on any Keras backend.
+tf = pytest.importorskip("tensorflow")
+
+from gloro import data  # noqa: E402
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -55,6 +59,15 @@ def write_idx_dataset(
 def as_numpy(ds):
     images, labels = zip(*((x.numpy(), y.numpy()) for x, y in ds))
     return np.stack(images), np.array(labels)
+
+
+def test_missing_tensorflow_says_what_to_install(monkeypatch):
+    # A None entry makes `import tensorflow` fail as if it were not
+    # installed; the fresh import of gloro.data is undone afterwards.
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    monkeypatch.delitem(sys.modules, "gloro.data")
+    with pytest.raises(ImportError, match="pip install tensorflow"):
+        importlib.import_module("gloro.data")
 
 
 # ------------------------------------------------------------------ loading
