@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="gloro",
-    version="0.1.0",
+    version="0.2.0",
     description="Certified-robust neural networks (GloRo Nets) for Keras 3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -19,5 +19,9 @@ setup(
         "matplotlib>=3.8",
         "tensorboard>=2.16",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # The test command runs the suite on the JAX backend too.
+        "test": ["pytest>=8", "jax[cpu]>=0.4.30"],
+        "jax": ["jax>=0.4.30"],
+    },
 )

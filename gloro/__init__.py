@@ -16,14 +16,15 @@ g = gloro.GloroNet(x, y, epsilon=0.3)
 ```
 """
 
-from gloro import callbacks, certificates, layers, lipschitz, losses, metrics, schedules
+from gloro import backend, callbacks, certificates, layers, lipschitz, losses, metrics, schedules
 from gloro.model import GloroNet
 from gloro.saving import load_model, load_saved_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GloroNet",
+    "backend",
     "load_model",
     "load_saved_model",
     "callbacks",

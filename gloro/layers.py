@@ -164,7 +164,7 @@ class SpectralNormCache:
             # The kernel is an argument, so one compilation serves every
             # later refresh.
             self._converge_step = backend.compiled(
-                lambda kernel, v: lipschitz.power_step(self._operator(kernel), v, iterations=10)
+                lambda kernel, v: lipschitz.power_step(self._operator(kernel), v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
             )
         kernel = ops.cast(self.kernel, "float32")
         sigma, v = lipschitz.power_converge(

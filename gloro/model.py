@@ -72,7 +72,9 @@ def _with_gloro_layers(model):
     clone = keras.models.clone_model(model, clone_function=_to_gloro_layer)
     for old, new in zip(_chain(model), _chain(clone)):
         for old_weight, new_weight in zip(old.weights, new.weights):
-            new_weight.assign(old_weight)
+            # A copy: on JAX, sharing the array would let a step that
+            # donates the clone's buffers delete the original's weights.
+            new_weight.assign(ops.convert_to_numpy(old_weight))
     return clone
 
 
@@ -435,6 +437,13 @@ class GloroNet(_GloroSteps, keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
 
+    @property
+    def metrics_variables(self):
+        # A loss's own variables (the TRADES weight, which a callback
+        # schedules) ride with the metrics' state: JAX compiles the step as a
+        # pure function of that state and would otherwise bake them in.
+        return super().metrics_variables + list(getattr(self.loss, "variables", ()))
+
     def _estimate_tensor(self):
         estimate = ops.convert_to_tensor(self._static_bound, "float32")
         for layer in self._spectral:
@@ -445,17 +454,20 @@ class GloroNet(_GloroSteps, keras.Model):
     def _lipschitz_logs(self, value):
         return {"lipschitz": value, "epsilon": ops.convert_to_tensor(self._epsilon)}
 
-    def _check_array(self, x):
+    def _check_arrays(self, x, y=None):
         # Keras relaxes traced input shapes, so an array of the wrong shape
-        # could reach the graph and fail deep inside it: check it here.
+        # could reach the graph and fail deep inside it (on JAX, leaving the
+        # model's variables emptied by the interrupted loop): check here.
         if isinstance(x, np.ndarray) or ops.is_tensor(x):
             self._check_input(x)
+        if isinstance(y, np.ndarray) or ops.is_tensor(y):
+            certificates.sparse_labels(y, self.num_classes)
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`; adds `gloro.callbacks.LipschitzRefresh` unless
         one is given, so constants are guaranteed before each validation pass
         and frozen when `fit` returns."""
-        self._check_array(x)
+        self._check_arrays(x, y)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LipschitzRefresh) for c in callbacks):
             callbacks.append(LipschitzRefresh())
@@ -463,13 +475,13 @@ class GloroNet(_GloroSteps, keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate` with guaranteed constants."""
-        self._check_array(x)
+        self._check_arrays(x, y)
         self._ensure_frozen()
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict` with guaranteed constants: `(n, m + 1)`."""
-        self._check_array(x)
+        self._check_arrays(x)
         self._ensure_frozen()
         if (isinstance(x, np.ndarray) or ops.is_tensor(x)) and x.shape[0] == 0:
             return np.zeros((0, self.num_classes + 1), np.float32)

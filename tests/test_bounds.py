@@ -49,7 +49,8 @@ def gradient(fn, x):
     if keras.backend.backend() == "jax":
         import jax
 
-        return np.asarray(jax.grad(lambda t: keras.ops.sum(fn(t)))(x))
+        # Compiled whole: eager JAX would compile each operation separately.
+        return np.asarray(jax.jit(jax.grad(lambda t: keras.ops.sum(fn(t))))(x))
     pytest.skip(f"no gradient helper for backend {keras.backend.backend()}")
 
 
@@ -95,8 +96,13 @@ def keras_matrix(fn, input_shape):
     """The matrix of a linear Keras operation, one float32 basis vector per row."""
     dim = int(np.prod(input_shape))
     basis = np.eye(dim, dtype=np.float32).reshape((dim,) + tuple(input_shape))
-    out = keras.ops.convert_to_numpy(fn(basis))
+    out = keras.ops.convert_to_numpy(compiled(fn)(basis))
     return out.reshape(dim, -1).astype(np.float64)
+
+
+def unit(rng, shape):
+    v = rng.normal(size=shape).astype(np.float32)
+    return v / np.linalg.norm(v)
 
 
 CONV_CASES = [
@@ -245,13 +251,13 @@ def test_conv_transpose_is_the_exact_adjoint(case, rng):
     operator = lipschitz.ConvOperator(kernel, (1,) + input_shape, strides, padding, dilation)
     reference = reference_conv_matrix(kernel, input_shape, strides, padding, dilation)
     v = rng.normal(size=(1,) + input_shape).astype(np.float32)
-    av = keras.ops.convert_to_numpy(operator.apply(v)).astype(np.float64)
+    av = keras.ops.convert_to_numpy(compiled(operator.apply)(v)).astype(np.float64)
     # One call transposes a random u and every output basis vector.
     output_dim = reference.shape[1]
     u = rng.normal(size=(1, output_dim)).astype(np.float32)
     batch = np.concatenate([u, np.eye(output_dim, dtype=np.float32)])
     transposed = keras.ops.convert_to_numpy(
-        operator.transpose(batch.reshape((-1,) + av.shape[1:]))
+        compiled(operator.transpose)(batch.reshape((-1,) + av.shape[1:]))
     ).astype(np.float64)
     assert transposed.shape[1:] == input_shape
     transposed = transposed.reshape(1 + output_dim, -1)
@@ -262,6 +268,25 @@ def test_conv_transpose_is_the_exact_adjoint(case, rng):
     np.testing.assert_allclose(
         transposed[1:], reference.T, rtol=0, atol=1e-5 * np.abs(kernel).max()
     )
+
+
+def test_dilated_operator_needs_no_dilated_convolution(rng, monkeypatch):
+    # Some CPUs' TensorFlow has no dilated transposed convolution ("Current
+    # CPU implementations do not yet support dilation rates larger than 1",
+    # issue 8); this one may have it, so refuse dilation here to stand in.
+    def undilated(op):
+        def call(*args, **kwargs):
+            assert kwargs.get("dilation_rate", 1) in (1, (1, 1)), "dilated call"
+            return op(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(keras.ops, "conv", undilated(keras.ops.conv))
+    monkeypatch.setattr(keras.ops, "conv_transpose", undilated(keras.ops.conv_transpose))
+    input_shape, kernel, strides, padding, dilation = conv_case(CONV_CASES[11], rng)
+    operator = lipschitz.ConvOperator(kernel, (1,) + input_shape, strides, padding, dilation)
+    image = operator.transpose(operator.apply(unit(rng, (1,) + input_shape)))
+    assert tuple(image.shape) == (1,) + input_shape
 
 
 def test_dense_transpose_is_the_adjoint(rng):
@@ -277,31 +302,24 @@ def test_dense_transpose_is_the_adjoint(rng):
 # -------------------------------------------------------- power iteration
 
 
-def unit(rng, shape):
-    v = rng.normal(size=shape).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
 def check_power_iteration(operator, v, exact):
-    # A single step from a random start, and every estimate on the way to
-    # convergence, stays below the norm (up to float32 rounding). Compiled,
-    # as layers run it: eager JAX would compile each operation separately.
-    sigma, _ = compiled(lambda v: lipschitz.power_step(operator, v))(v)
-    assert float(keras.ops.convert_to_numpy(sigma)) <= exact * (1 + FLOAT32_REL)
+    # Every estimate on the way to convergence, including single steps as
+    # training takes them, stays below the norm (up to float32 rounding).
+    # Compiled once, as layers run it.
+    @compiled
+    def steps(v):
+        single, _ = lipschitz.power_step(operator, v)
+        sigma, v = lipschitz.power_step(operator, v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
+        return single, sigma, v
+
     estimates = []
 
     def step(v):
-        sigma, v = lipschitz.power_step(operator, v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
+        single, sigma, v = steps(v)
+        estimates.extend(float(keras.ops.convert_to_numpy(s)) for s in (single, sigma))
         return sigma, v
 
-    compiled_step = compiled(step)
-
-    def recording_step(v):
-        sigma, v = compiled_step(v)
-        estimates.append(float(keras.ops.convert_to_numpy(sigma)))
-        return sigma, v
-
-    sigma, _ = lipschitz.power_converge(recording_step, v)
+    sigma, _ = lipschitz.power_converge(step, v)
     assert max(estimates) <= exact * (1 + FLOAT32_REL)
     assert sigma == pytest.approx(exact, rel=1e-4)
 
@@ -334,6 +352,32 @@ def test_power_step_gradient_flows_through_sigma_only(rng):
     image = v @ kernel
     expected = v.T @ image / np.linalg.norm(image)
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_power_step_gradient_reaches_dilated_taps(rng):
+    # The explicit dilation must pass gradients back to the original taps:
+    # compare with central differences of ||v @ conv_matrix(K)|| in float64.
+    input_shape, kernel, strides, padding, dilation = conv_case(CONV_CASES[7], rng)
+    v0 = unit(rng, (1,) + input_shape)
+
+    def sigma(k):
+        operator = lipschitz.ConvOperator(k, (1,) + input_shape, strides, padding, dilation)
+        return lipschitz.power_step(operator, v0, 2)
+
+    _, v = sigma(kernel)
+    v = keras.ops.convert_to_numpy(v).astype(np.float64).reshape(-1)
+    grad = gradient(lambda k: sigma(k)[0], kernel)
+    expected = np.zeros(kernel.shape)
+    step = 1e-6
+    for index in np.ndindex(kernel.shape):
+        shift = np.zeros(kernel.shape)
+        shift[index] = step
+        norms = [
+            np.linalg.norm(v @ lipschitz.conv_matrix(k, input_shape, strides, padding, dilation))
+            for k in (kernel + shift, kernel - shift)
+        ]
+        expected[index] = (norms[0] - norms[1]) / (2 * step)
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_power_step_on_zero_kernel_keeps_direction():

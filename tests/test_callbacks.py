@@ -10,10 +10,6 @@ from gloro import callbacks, layers, schedules
 
 # GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
 # use TensorFlow (issue 9); until then its training tests run on TensorFlow.
-gloronet_trains = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow" and any(hasattr(m, "tf") for m in (gloro.model, gloro.layers)),
-    reason="GloroNet does not train on this backend yet",
-)
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX trainer state")
 
 EPS = "[0.01]-log-[50%:1.1]"
@@ -51,7 +47,6 @@ def model():
     return g
 
 
-@gloronet_trains
 def test_schedules_are_followed_per_batch(model, rng):
     x = rng.normal(size=(40, 4)).astype("float32")
     y = rng.integers(0, 3, 40)
@@ -78,7 +73,6 @@ def test_schedules_are_followed_per_batch(model, rng):
     assert model.lipschitz_frozen
 
 
-@gloronet_trains
 def test_certifies_at_the_requested_epsilon_after_fit(model, rng):
     # Issue 8, item 3: the schedule ends at 1.1 x epsilon, but the model left
     # by fit and every validation pass certify at epsilon itself.
@@ -107,7 +101,6 @@ def test_certifies_at_the_requested_epsilon_after_fit(model, rng):
     assert rejected[radius < 0.3 * (1 - 1e-4)].all()
 
 
-@gloronet_trains
 def test_second_fit_without_base_does_not_drift(model, rng):
     # The base defaults to the model's epsilon; a model left at the scheduled
     # 1.1 x epsilon would make every further fit grow the radius.
@@ -136,7 +129,6 @@ def _numpy_trades(x, y, kernel, bias, epsilon, lam):
     return float(np.mean(clean + lam * kl))
 
 
-@gloronet_trains
 def test_scheduled_values_reach_the_compiled_step(rng):
     # The loss of each step is recomputed in NumPy from the fixed weights
     # (learning rate 0) and the scheduled epsilon and lambda: it only matches
@@ -251,7 +243,6 @@ def test_no_state_sync_while_the_value_holds(monkeypatch):
     assert moving - baseline >= steps
 
 
-@gloronet_trains
 def test_validation_runs_on_frozen_constants(model, rng):
     x = rng.normal(size=(40, 4)).astype("float32")
     y = rng.integers(0, 3, 40)
@@ -266,7 +257,6 @@ def test_validation_runs_on_frozen_constants(model, rng):
     assert frozen and all(frozen)
 
 
-@gloronet_trains
 def test_trades_scheduler_needs_trades_loss(rng):
     x = keras.Input((4,))
     g = gloro.GloroNet(x, layers.Dense(3)(x), epsilon=0.5)

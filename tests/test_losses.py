@@ -9,10 +9,6 @@ from gloro import layers, losses
 
 # GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
 # use TensorFlow (issue 9); until then its training tests run on TensorFlow.
-gloronet_trains = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow" and any(hasattr(m, "tf") for m in (gloro.model, gloro.layers)),
-    reason="GloroNet does not train on this backend yet",
-)
 
 
 def log_softmax(z):
@@ -168,7 +164,6 @@ def test_gloronet_compile_refuses_probability_losses(loss, shorthand):
         g.compile(optimizer="adam", loss=loss)
 
 
-@gloronet_trains
 def test_gloronet_trains_with_a_from_logits_keras_loss(rng):
     # Keras' sparse cross-entropy on logits is gloro's cross-entropy.
     g = _gloronet()

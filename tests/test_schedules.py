@@ -12,10 +12,6 @@ from gloro import layers, schedules
 
 # GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
 # use TensorFlow (issue 9); until then its training tests run on TensorFlow.
-gloronet_trains = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow" and any(hasattr(m, "tf") for m in (gloro.model, gloro.layers)),
-    reason="GloroNet does not train on this backend yet",
-)
 
 
 def _lin(v0, v1, u):
@@ -357,7 +353,6 @@ def test_scheduled_learning_rate_saved_with_optimizer(tmp_path):
     assert current == pytest.approx(0.05 * schedules.parse("[1.]-cos-[0.01]")(4 / 20), rel=1e-5)
 
 
-@gloronet_trains
 def test_scheduled_learning_rate_saved_in_a_gloronet(tmp_path, rng):
     spec = "[1.]-cos-[0.01]"
     inputs = keras.Input((4,))
