@@ -67,7 +67,7 @@ def _fail(flag, message):
 def _shortest(value):
     # Epsilon is stored in float32: report its shortest decimal form (0.3,
     # not 0.30000001192092896).
-    return None if value is None else float(str(np.float32(value)))
+    return float(str(np.float32(value)))
 
 
 def _load(path, epsilon):

@@ -185,9 +185,8 @@ def _callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
     # restores.
     schedule_callbacks = [callbacks.EpsilonScheduler(epsilon_multipliers, epsilon=epsilon)]
     if isinstance(loss_fn, losses.Trades):
-        schedule_callbacks.append(
-            callbacks.TradesScheduler(trades_multipliers, lam=float(keras.ops.convert_to_numpy(loss_fn.lam)))
-        )
+        lam = float(keras.ops.convert_to_numpy(loss_fn.lam))
+        schedule_callbacks.append(callbacks.TradesScheduler(trades_multipliers, lam=lam))
     return [
         _EpochLogs(),
         *schedule_callbacks,
@@ -261,7 +260,7 @@ def train(
     if not (math.isfinite(lr) and lr > 0):
         _fail("--lr", f"must be a finite number > 0, got {lr}.")
     epsilon_multipliers = _schedule("--epsilon-schedule", epsilon_schedule)
-    _schedule("--lr-schedule", lr_schedule)
+    lr_multipliers = _schedule("--lr-schedule", lr_schedule)
     trades_multipliers = _schedule("--trades-schedule", trades_schedule)
     try:
         loss_fn = losses.get(loss)
@@ -282,7 +281,7 @@ def train(
     f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
     g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
     total_steps = epochs * math.ceil(info.num_examples / batch_size)
-    learning_rate = schedules.ScheduledLearningRate(lr_schedule, lr, total_steps)
+    learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)
     g.compile(
         optimizer=make_optimizer(learning_rate=learning_rate),
         loss=loss_fn,
@@ -304,7 +303,6 @@ def train(
         callbacks=_callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn),
     )
 
-    g.epsilon = epsilon
     evaluations = {}
     for split, ds in (("train", train_ds), ("test", test_ds)):
         batches = data.pipeline(ds, batch_size, training=False, cache=False)

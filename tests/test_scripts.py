@@ -437,7 +437,8 @@ def test_scripts_run_on_jax(data_dir, tmp_path):
     if keras.backend.backend() == "jax":
         pytest.skip("every other test of this module runs the scripts on JAX")
     env = _env(KERAS_BACKEND="jax")
-    _run(TRAIN, *TRAIN_FLAGS, "--epochs", 1, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path, env=env)
+    flags = ["--epochs", 1, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path]
+    _run(TRAIN, *TRAIN_FLAGS, *flags, env=env)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["versions"]["keras_backend"] == "jax"
 
