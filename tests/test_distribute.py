@@ -4,7 +4,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.tensorflow
 def test_mirrored_strategy_keeps_caches_identical_across_replicas(tmp_path):
     # Logical devices must be configured before TensorFlow starts: run in a
     # fresh interpreter.
