@@ -234,11 +234,14 @@ class GloroNet(_GloroSteps, keras.Model):
         )
         caches = {id(v) for l in self._spectral + [self._head] for v in getattr(l, "cache_variables", [])}
         self._certified_for = [v for v in self.f.weights if id(v) not in caches]
-        # NaN never equals anything, so nothing certifies before the first
-        # freeze (and NaN weights never certify).
+        # Nothing certifies before the first freeze: weights equal to these
+        # copies would all be infinite, the logits layer's bias included, so
+        # every logit would be inf or NaN, which never certifies. (Not NaN:
+        # JAX checks that every process creates a variable with equal
+        # values, and NaN never equals itself.)
         self._certified_copies = [
             self.add_weight(
-                shape=v.shape, initializer=keras.initializers.Constant(np.nan),
+                shape=v.shape, initializer=keras.initializers.Constant(np.inf),
                 trainable=False, dtype=v.dtype, aggregation="only_first_replica",
                 name=f"certified_copy_{i}",
             )

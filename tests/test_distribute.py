@@ -7,6 +7,7 @@ process, scripts/train.py for two worker processes on 127.0.0.1.
 
 import csv
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -48,6 +49,27 @@ def test_mirrored_strategy_matches_one_device():
 def test_jax_data_parallel_matches_one_device():
     pytest.importorskip("jax")
     _run_replicas("data_parallel", KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def test_train_refuses_a_strategy_it_cannot_run(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    import keras
+    from typer.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location("_train_strategies", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if keras.backend.backend() == "tensorflow":
+        cases = [("data_parallel", "needs the jax backend"), ("multiworker", "TF_CONFIG")]
+    else:
+        cases = [("mirrored", "needs the tensorflow backend")]
+    for strategy, reason in cases:
+        result = CliRunner().invoke(train.app, ["--strategy", strategy, "--out", str(tmp_path / "out")])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 2, result.output
+        assert len(errors) == 1 and "--strategy" in errors[0] and reason in errors[0], result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------ two workers on 127.0.0.1
