@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 CERTIFY = ROOT / "scripts" / "certify.py"
-EPOCHS = 4
+EPOCHS = 3
 EPSILON = 0.1
 
 
@@ -144,7 +144,8 @@ def resumed_job(tmp_path_factory):
     """A two-worker run whose second worker is killed during the second epoch
     and which a scheduler then restarts from scratch (both workers).
 
-    Returns `(out, epoch the restarted chief resumed at, its log)`.
+    Returns `(out, epoch the restarted chief resumed at, its log, every
+    worker process started)`.
     """
     pytest.importorskip("tensorflow")
     root = tmp_path_factory.mktemp("multiworker")
@@ -152,7 +153,7 @@ def resumed_job(tmp_path_factory):
     prototypes = rng.random((4, 8, 8))
     data_dir = root / "data"
     (data_dir / "synthetic").mkdir(parents=True)
-    for prefix, n in (("train", 512), ("t10k", 128)):
+    for prefix, n in (("train", 384), ("t10k", 128)):
         labels = rng.integers(0, 4, n)
         images = 255 * (0.4 * prototypes[labels] + 0.6 * rng.random((n, 8, 8)))
         _write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
@@ -177,12 +178,13 @@ def resumed_job(tmp_path_factory):
 
     restarted = _Job(data_dir, out, root, attempt=1)
     restarted.wait(timeout=240)
-    return out, epochs[0], restarted.logs[0].read_text()
+    return out, epochs[0], restarted.logs[0].read_text(), job.processes + restarted.processes
 
 
 @pytest.mark.tensorflow
 def test_multiworker_resumes_after_a_worker_is_killed(resumed_job):
-    out, resumed_at, chief_log = resumed_job
+    out, resumed_at, chief_log, processes = resumed_job
+    assert all(p.poll() is not None for p in processes)
     assert "Resuming from" in chief_log
     first = re.search(r"^Epoch (\d+)/(\d+)$", chief_log, re.MULTILINE)
     assert first and (int(first[1]), int(first[2])) == (resumed_at + 1, EPOCHS), chief_log[-3000:]
@@ -199,7 +201,7 @@ def test_multiworker_model_certifies_as_one_process_would(resumed_job):
     import gloro
     from gloro import architectures
 
-    out, _, _ = resumed_job
+    out = resumed_job[0]
     g = gloro.load_model(out / "model.keras")
     fresh = gloro.GloroNet(model=architectures.get("cnn_2C2F", (8, 8, 1), 4), epsilon=EPSILON)
     fresh.f.set_weights(g.f.get_weights())
