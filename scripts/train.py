@@ -261,6 +261,8 @@ def _distribution(strategy):
     if strategy == "data_parallel":
         if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
             keras.distribution.initialize()
+        # DataParallel splits each tf.data batch between the processes
+        # itself (its auto_shard_dataset), so the pipeline stays as it is.
         keras.distribution.set_distribution(keras.distribution.DataParallel())
         import jax
 
@@ -285,11 +287,14 @@ def _shard_by_data(ds):
     """Shards a dataset per worker element by element.
 
     tf.distribute's default (AUTO) first tries to give each worker its own
-    input files, but `gloro.data` reads the examples into memory, so there
-    are no files to split and AUTO falls back to DATA with a warning. DATA
-    is asked for directly: every worker builds the whole pipeline and keeps
-    its own slice of each global batch, which takes every worker the same
-    examples in the same order, as the seeded shuffle does.
+    input files. Local IDX and npz data is read into memory, so there are no
+    files to split (AUTO falls back to DATA with a warning), and
+    tensorflow-datasets splits small sets into fewer files than there may be
+    workers, or into files of unequal sizes, which would give the workers
+    unequal numbers of steps. DATA is asked for directly: every worker builds
+    the whole pipeline and keeps its own share of each global batch, which
+    needs every worker to read the examples in the same order, as the seeded
+    shuffle does.
     """
     import tensorflow as tf
 
