@@ -44,9 +44,11 @@ def build():
 
 def train(g):
     # Validation makes fit freeze (and unfreeze) the constants between
-    # epochs, the path a scheduled run takes.
+    # epochs, and the schedule sets epsilon before every step: both must
+    # reach every replica.
     history = g.fit(
-        x, y, epochs=2, batch_size=32, shuffle=False, verbose=0, validation_data=(x[:64], y[:64])
+        x, y, epochs=2, batch_size=32, shuffle=False, verbose=0, validation_data=(x[:64], y[:64]),
+        callbacks=[gloro.callbacks.EpsilonScheduler("[0.01]-log-[50%:1.1]", 0.1)],
     )
     return history.history
 
@@ -70,6 +72,7 @@ else:
     two = build()
 two_history = train(two)
 
+assert one_history["epsilon"][-1] > 0.1
 for key, values in one_history.items():
     np.testing.assert_allclose(two_history[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -79,7 +82,11 @@ for a, b in zip(one.variables, two.variables, strict=True):
     assert len(copies) == 2, (b.path, len(copies))
     for copy in copies[1:]:
         np.testing.assert_array_equal(copy, copies[0], err_msg=b.path)
-    np.testing.assert_allclose(copies[0], keras.ops.convert_to_numpy(a), rtol=1e-4, atol=1e-5, err_msg=b.path)
+    # A power-iteration vector moves with the kernel as much as the gap
+    # between the top singular values is small, so float-level differences
+    # in the kernel move it more; the estimate it gives is held tightly.
+    atol = 1e-2 if "power_vector" in b.path else 1e-5
+    np.testing.assert_allclose(copies[0], keras.ops.convert_to_numpy(a), rtol=1e-4, atol=atol, err_msg=b.path)
     caches += any(n in b.path for n in ("power_vector", "lipschitz_estimate", "lipschitz_bound"))
 assert caches == 6, caches
 assert two.lipschitz_frozen
