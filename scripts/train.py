@@ -347,7 +347,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
     power_iterations: Annotated[
         int, typer.Option(min=1, help="Power-iteration steps per layer per step.")
-    ] = 1,
+    ] = gloro.model.DEFAULT_POWER_ITERATIONS,
     verbose: Annotated[
         int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")
     ] = 1,

@@ -2,9 +2,10 @@
 synthetic dataset written as gzipped IDX files (the layout of Debian's
 Fashion-MNIST package).
 
-The scripts run in subprocesses on the Keras backend of this process
-(`KERAS_BACKEND` is inherited); on TensorFlow, one more test runs them on
-JAX."""
+The scripts run in subprocesses. The module runs in the TensorFlow test
+process only (the suite's time budget has no room for a second pass of these
+end-to-end runs); `test_scripts_run_on_jax` runs the scripts on JAX from
+there."""
 
 import csv
 import functools
@@ -30,6 +31,8 @@ from typer.testing import CliRunner
 
 # The scripts read their data with tf.data on every backend.
 tf = pytest.importorskip("tensorflow")
+
+pytestmark = pytest.mark.tensorflow
 
 import gloro  # noqa: E402
 from gloro import data  # noqa: E402
@@ -434,8 +437,6 @@ def test_help_lists_every_flag_with_its_default(script):
 
 
 def test_scripts_run_on_jax(data_dir, tmp_path):
-    if keras.backend.backend() == "jax":
-        pytest.skip("every other test of this module runs the scripts on JAX")
     env = _env(KERAS_BACKEND="jax")
     flags = ["--epochs", 1, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path]
     _run(TRAIN, *TRAIN_FLAGS, *flags, env=env)
