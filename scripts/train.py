@@ -54,7 +54,7 @@ With several workers (or processes) only the chief (the `chief` task of
 worker runs the same steps but writes into `<out>.workertemp_<id>/`, its own
 backup included, and removes that folder once training has finished. To
 resume, restart every worker with the same command: each restores its own
-backup.
+backup, from the last epoch that every worker backed up.
 """
 
 import contextlib
@@ -234,13 +234,15 @@ class _Distribution:
     """What `--strategy` set up.
 
     Attributes:
+        strategy: the `tf.distribute.Strategy`, or None.
         scope: context manager to build and compile the model in.
         is_chief: whether this worker writes `--out`.
         worker_id: this worker's name in its temporary folder's name.
     """
 
-    def __init__(self, scope=None, is_chief=True, worker_id="0"):
-        self.scope = scope or contextlib.nullcontext()
+    def __init__(self, strategy=None, is_chief=True, worker_id="0"):
+        self.strategy = strategy
+        self.scope = strategy.scope() if strategy else contextlib.nullcontext()
         self.is_chief = is_chief
         self.worker_id = worker_id
 
@@ -270,7 +272,7 @@ def _distribution(strategy):
     import tensorflow as tf
 
     if strategy == "mirrored":
-        return _Distribution(tf.distribute.MirroredStrategy().scope())
+        return _Distribution(tf.distribute.MirroredStrategy())
     if not os.environ.get("TF_CONFIG"):
         _fail("--strategy", "'multiworker' reads the cluster from the TF_CONFIG environment variable, which is not set.")
     distribute = tf.distribute.MultiWorkerMirroredStrategy()
@@ -280,7 +282,7 @@ def _distribution(strategy):
     # else worker 0.
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
-    return _Distribution(distribute.scope(), is_chief, f"{task_type}_{task_id}")
+    return _Distribution(distribute, is_chief, f"{task_type}_{task_id}")
 
 
 def _shard_by_data(ds):
@@ -301,6 +303,41 @@ def _shard_by_data(ds):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
+
+
+def _agree_on_backup(distribute, backup):
+    """Rolls this worker's backup back to the epoch every worker has backed up.
+
+    The workers back up one after another at the end of an epoch, so a worker
+    that dies in between leaves backups an epoch apart; resuming from both
+    would give the replicas different weights. The previous backup, which
+    `double_checkpoint` keeps, is then the epoch to resume from. Keras'
+    `BackupAndRestore` names its files `latest.weights.h5` and
+    `training_metadata.json`, and the previous copies `<name>.bkp`.
+    """
+    import tensorflow as tf
+
+    epoch = _backed_up_epoch(backup / "training_metadata.json")
+    values = distribute.experimental_distribute_values_from_function(lambda _: tf.constant([epoch]))
+    lowest = int(tf.reduce_min(distribute.gather(values, axis=0)))
+    if epoch == lowest:
+        return
+    if _backed_up_epoch(backup / "training_metadata.json.bkp") != lowest:
+        raise SystemExit(
+            f"Error: this worker's backup in {backup} is at epoch {epoch} and another worker's at "
+            f"{lowest}, with no copy of epoch {lowest} here; delete every worker's backup to start over."
+        )
+    print(f"Resuming from epoch {lowest}, the last one every worker backed up")
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        os.replace(backup / f"{name}.bkp", backup / name)
+
+
+def _backed_up_epoch(metadata):
+    """The number of epochs a BackupAndRestore metadata file records, 0 if none."""
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except FileNotFoundError:
+        return 0
 
 
 def _write_json(path, value):
@@ -400,6 +437,8 @@ def train(
         )
 
     backup = out / "backup"
+    if strategy == "multiworker":
+        _agree_on_backup(distribution.strategy, backup)
     if backup.exists():
         print(f"Resuming from {backup}")
     else:

@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 CERTIFY = ROOT / "scripts" / "certify.py"
-EPOCHS = 3
+EPOCHS = 4
 EPSILON = 0.1
 
 
@@ -132,17 +132,21 @@ class _Job:
         assert codes == [0, 0], f"exit codes {codes}\n{self.output()}"
 
 
-def _backed_up_epoch(backup):
+def _backed_up_epoch(backup, name="training_metadata.json"):
     try:
-        return json.loads((backup / "training_metadata.json").read_text())["epoch"]
+        return json.loads((backup / name).read_text())["epoch"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
 
 
 @pytest.fixture(scope="module")
 def resumed_job(tmp_path_factory):
-    """A two-worker run whose second worker is killed during the second epoch
-    and which a scheduler then restarts from scratch (both workers).
+    """A two-worker run whose second worker is killed during the third epoch
+    and which a scheduler then restarts (both workers).
+
+    The second worker's backup is first set back by an epoch, as if it had
+    died after the chief backed up the second epoch but before it did: the
+    restarted workers must agree on the first epoch.
 
     Returns `(out, epoch the restarted chief resumed at, its log, every
     worker process started)`.
@@ -164,7 +168,7 @@ def resumed_job(tmp_path_factory):
     job = _Job(data_dir, out, root, attempt=0)
     try:
         deadline = time.monotonic() + 180
-        while min(_backed_up_epoch(b) for b in backups) < 1:
+        while min(_backed_up_epoch(b) for b in backups) < 2:
             if any(p.poll() is not None for p in job.processes) or time.monotonic() > deadline:
                 pytest.fail(f"no epoch backed up by both workers\n{job.output()}")
             time.sleep(0.05)
@@ -175,17 +179,20 @@ def resumed_job(tmp_path_factory):
         job.kill()
     epochs = [_backed_up_epoch(b) for b in backups]
     assert epochs[0] == epochs[1] < EPOCHS, epochs
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        os.replace(backups[1] / f"{name}.bkp", backups[1] / name)
+    assert _backed_up_epoch(backups[1]) == epochs[0] - 1
 
     restarted = _Job(data_dir, out, root, attempt=1)
     restarted.wait(timeout=240)
-    return out, epochs[0], restarted.logs[0].read_text(), job.processes + restarted.processes
+    return out, epochs[0] - 1, restarted.logs[0].read_text(), job.processes + restarted.processes
 
 
 @pytest.mark.tensorflow
 def test_multiworker_resumes_after_a_worker_is_killed(resumed_job):
     out, resumed_at, chief_log, processes = resumed_job
     assert all(p.poll() is not None for p in processes)
-    assert "Resuming from" in chief_log
+    assert f"Resuming from epoch {resumed_at}, the last one every worker backed up" in chief_log
     first = re.search(r"^Epoch (\d+)/(\d+)$", chief_log, re.MULTILINE)
     assert first and (int(first[1]), int(first[2])) == (resumed_at + 1, EPOCHS), chief_log[-3000:]
     with open(out / "history.csv", newline="") as file:
