@@ -244,8 +244,8 @@ class GloroNet(_GloroSteps, keras.Model):
         caches = {id(v) for l in self._spectral + [self._head] for v in getattr(l, "cache_variables", [])}
         self._certified_for = [v for v in self.f.weights if id(v) not in caches]
         # Nothing certifies before the first freeze: weights equal to these
-        # copies would all be infinite, the logits layer's bias included, so
-        # every logit would be inf or NaN, which never certifies. (Not NaN:
+        # copies would all be infinite, the logits layer's kernel included,
+        # so every logit would be inf or NaN, which never certifies. (Not NaN:
         # JAX checks that every process creates a variable with equal
         # values, and NaN never equals itself.)
         self._certified_copies = [
