@@ -53,7 +53,7 @@ ACTIVATION_BOUNDS = {"linear": 1.0, "relu": 1.0}
 
 # Replicas hold identical weights, so each computes the same power-iteration
 # update; keeping the first replica's value keeps the caches in sync under
-# tf.distribute without a cross-replica reduction.
+# tf.distribute without a cross-replica reduction (see SpectralNormCache).
 _CACHE_AGGREGATION = "only_first_replica"
 
 
@@ -89,6 +89,27 @@ class SpectralNormCache:
     `_operator_input_shape`, and call `_build_cache()` at the end of `build`.
     The layer's activation multiplies every number it reports: the operator
     norm times `activation_bound(self)`, fixed at build time.
+
+    On several devices the caches stay identical on every replica after
+    every step, because each update is a function of the kernel and of the
+    previous vector alone, never of the batch, and both are already the same
+    everywhere:
+
+    - tf.distribute (`MirroredStrategy`, `MultiWorkerMirroredStrategy`): the
+      kernel is a mirrored variable that the strategy's all-reduced update
+      keeps equal, and the caches are created with
+      `aggregation="only_first_replica"`, so an assignment inside a step
+      writes the first replica's value to every copy, on every worker.
+    - keras.distribution on JAX (`DataParallel`): variables are replicated
+      over the device mesh and the training step is one SPMD program, so a
+      cache is one logical array whose copies XLA keeps equal.
+
+    Freezing (`GloroNet.freeze_lipschitz`) runs between steps, outside any
+    replica: `converge` runs the compiled power iteration on the kernel's
+    value and `guaranteed_bound` computes in NumPy float64 on the host, and
+    each assigns its result to every copy. Each worker freezes from the same
+    weights, and the guaranteed bounds depend on the weights alone, so the
+    frozen constants are exactly those one device computes for them.
     """
 
     def _build_cache(self):

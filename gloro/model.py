@@ -119,11 +119,38 @@ else:
 
         def train_step(self, data):
             logs = super().train_step(data)
-            return {**logs, **self._lipschitz_logs(self._estimate_tensor())}
+            return self._reducible({**logs, **self._lipschitz_logs(self._estimate_tensor())})
 
         def test_step(self, data):
             logs = super().test_step(data)
-            return {**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))}
+            return self._reducible({**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))})
+
+        def _reducible(self, logs):
+            # Keras (3.15) averages a step's logs over the workers of a
+            # MultiWorkerMirroredStrategy with `strategy.reduce(..., axis=0)`,
+            # which fails on scalars (keras-team/keras#20585): give every log
+            # a leading axis, which that reduction removes.
+            import tensorflow as tf
+
+            strategy = self.distribute_strategy
+            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+                return {key: ops.expand_dims(value, 0) for key, value in logs.items()}
+            return logs
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            # Keras (3.15) builds the model and metrics under a tf.distribute
+            # strategy from a first batch that it averages over the replicas
+            # with `strategy.reduce`, which fails for a tuple of per-replica
+            # values once MultiWorkerMirroredStrategy has several workers
+            # (keras-team/keras#20585). Only the batch's shapes and dtypes
+            # are used, so this worker's first replica's batch serves.
+            if iterator is not None and self._distribute_strategy is not None:
+                for _, _, batches in iterator:
+                    local = self._distribute_strategy.experimental_local_results
+                    data_batch = keras.tree.map_structure(lambda v: local(v)[0], next(batches))
+                    break
+                iterator = None
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -216,11 +243,14 @@ class GloroNet(_GloroSteps, keras.Model):
         )
         caches = {id(v) for l in self._spectral + [self._head] for v in getattr(l, "cache_variables", [])}
         self._certified_for = [v for v in self.f.weights if id(v) not in caches]
-        # NaN never equals anything, so nothing certifies before the first
-        # freeze (and NaN weights never certify).
+        # Nothing certifies before the first freeze: weights equal to these
+        # copies would all be infinite, the logits layer's kernel included,
+        # so every logit would be inf or NaN, which never certifies. (Not NaN:
+        # JAX checks that every process creates a variable with equal
+        # values, and NaN never equals itself.)
         self._certified_copies = [
             self.add_weight(
-                shape=v.shape, initializer=keras.initializers.Constant(np.nan),
+                shape=v.shape, initializer=keras.initializers.Constant(np.inf),
                 trainable=False, dtype=v.dtype, aggregation="only_first_replica",
                 name=f"certified_copy_{i}",
             )

@@ -34,8 +34,30 @@ last finished epoch, with schedules, optimizer state and power-iteration
 caches restored from `out/backup/`, which is deleted once every file above is
 written. Without a backup the run starts from scratch and replaces earlier
 results in `--out`.
+
+`--strategy` trains on several devices or machines with the engine of the
+backend; `--batch-size` is the global batch, split between the replicas:
+
+- `none`: one device.
+- `mirrored` (TensorFlow): `tf.distribute.MirroredStrategy` over the local
+  GPUs (or the CPU).
+- `multiworker` (TensorFlow): `tf.distribute.MultiWorkerMirroredStrategy`
+  over the machines listed in the `TF_CONFIG` environment variable; start the
+  same command on every worker, each with its own `TF_CONFIG`.
+- `data_parallel` (JAX): `keras.distribution.DataParallel` over the local
+  devices; over several processes when `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
+  `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID` are
+  set (see `keras.distribution.initialize`).
+
+With several workers (or processes) only the chief (the `chief` task of
+`TF_CONFIG`, else worker 0; process 0 on JAX) writes `--out`. Every other
+worker runs the same steps but writes into `<out>.workertemp_<id>/`, its own
+backup included, and removes that folder once training has finished. To
+resume, restart every worker with the same command: each restores its own
+backup, from the last epoch that every worker backed up.
 """
 
+import contextlib
 import csv
 import functools
 import importlib
@@ -63,6 +85,10 @@ from gloro import architectures, callbacks, data, losses, schedules  # noqa: E40
 Architecture = Literal[tuple(sorted(architectures.ARCHITECTURES))]
 Activation = Literal[tuple(sorted(architectures.ACTIVATIONS))]
 Augmentation = Literal[data.AUGMENTATIONS]
+Strategy = Literal["none", "mirrored", "multiworker", "data_parallel"]
+
+# The backend each --strategy runs on.
+_STRATEGY_BACKENDS = {"mirrored": "tensorflow", "multiworker": "tensorflow", "data_parallel": "jax"}
 
 
 class _EpochLogs(keras.callbacks.Callback):
@@ -204,6 +230,116 @@ def _callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
     ]
 
 
+class _Distribution:
+    """What `--strategy` set up.
+
+    Attributes:
+        strategy: the `tf.distribute.Strategy`, or None.
+        scope: context manager to build and compile the model in.
+        is_chief: whether this worker writes `--out`.
+        worker_id: this worker's name in its temporary folder's name.
+    """
+
+    def __init__(self, strategy=None, is_chief=True, worker_id="0"):
+        self.strategy = strategy
+        self.scope = strategy.scope() if strategy else contextlib.nullcontext()
+        self.is_chief = is_chief
+        self.worker_id = worker_id
+
+
+def _distribution(strategy):
+    """Sets up `--strategy` before TensorFlow or JAX runs anything (a
+    multi-worker strategy and a multi-process JAX runtime must be created
+    first)."""
+    if strategy == "none":
+        return _Distribution()
+    needed = _STRATEGY_BACKENDS[strategy]
+    if keras.backend.backend() != needed:
+        _fail(
+            "--strategy",
+            f"{strategy!r} needs the {needed} backend (KERAS_BACKEND={needed}); "
+            f"this process runs on {keras.backend.backend()}.",
+        )
+    if strategy == "data_parallel":
+        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+            keras.distribution.initialize()
+        # DataParallel splits each tf.data batch between the processes
+        # itself (its auto_shard_dataset), so the pipeline stays as it is.
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        import jax
+
+        return _Distribution(is_chief=jax.process_index() == 0, worker_id=str(jax.process_index()))
+    import tensorflow as tf
+
+    if strategy == "mirrored":
+        return _Distribution(tf.distribute.MirroredStrategy())
+    if not os.environ.get("TF_CONFIG"):
+        _fail("--strategy", "'multiworker' reads the cluster from the TF_CONFIG environment variable, which is not set.")
+    distribute = tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = distribute.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    # tf.distribute's convention: the `chief` task if the cluster has one,
+    # else worker 0.
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return _Distribution(distribute, is_chief, f"{task_type}_{task_id}")
+
+
+def _shard_by_data(ds):
+    """Shards a dataset per worker element by element.
+
+    tf.distribute's default (AUTO) first tries to give each worker its own
+    input files. Local IDX and npz data is read into memory, so there are no
+    files to split (AUTO falls back to DATA with a warning), and
+    tensorflow-datasets splits small sets into fewer files than there may be
+    workers, or into files of unequal sizes, which would give the workers
+    unequal numbers of steps. DATA is asked for directly: every worker builds
+    the whole pipeline and keeps its own share of each global batch, which
+    needs every worker to read the examples in the same order, as the seeded
+    shuffle does.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _agree_on_backup(distribute, backup):
+    """Rolls this worker's backup back to the epoch every worker has backed up.
+
+    The workers back up one after another at the end of an epoch, so a worker
+    that dies in between leaves backups an epoch apart; resuming from both
+    would give the replicas different weights. The previous backup, which
+    `double_checkpoint` keeps, is then the epoch to resume from. Keras'
+    `BackupAndRestore` names its files `latest.weights.h5` and
+    `training_metadata.json`, and the previous copies `<name>.bkp`.
+    """
+    import tensorflow as tf
+
+    epoch = _backed_up_epoch(backup / "training_metadata.json")
+    values = distribute.experimental_distribute_values_from_function(lambda _: tf.constant([epoch]))
+    lowest = int(tf.reduce_min(distribute.gather(values, axis=0)))
+    if epoch == lowest:
+        return
+    if _backed_up_epoch(backup / "training_metadata.json.bkp") != lowest:
+        raise SystemExit(
+            f"Error: this worker's backup in {backup} is at epoch {epoch} and another worker's at "
+            f"{lowest}, with no copy of epoch {lowest} here; delete every worker's backup to start over."
+        )
+    print(f"Resuming from epoch {lowest}, the last one every worker backed up")
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        os.replace(backup / f"{name}.bkp", backup / name)
+
+
+def _backed_up_epoch(metadata):
+    """The number of epochs a BackupAndRestore metadata file records, 0 if none."""
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except FileNotFoundError:
+        return 0
+
+
 def _write_json(path, value):
     # Atomic, so that a kill never leaves a truncated results.json.
     tmp = path.with_suffix(".tmp")
@@ -252,6 +388,10 @@ def train(
     verbose: Annotated[
         int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")
     ] = 1,
+    strategy: Annotated[
+        Strategy,
+        typer.Option(help="none, mirrored or multiworker (TensorFlow), data_parallel (JAX)."),
+    ] = "none",
 ):
     """Trains a GloRo Net; see the module docstring for the files written."""
     config = dict(locals())
@@ -273,22 +413,32 @@ def train(
     make_optimizer = _optimizer(optimizer)
     out = Path(out or f"runs/{dataset}_{architecture}")
     config["out"] = str(out)
+    distribution = _distribution(strategy)
+    if not distribution.is_chief:
+        out = Path(f"{out}.workertemp_{distribution.worker_id}")
 
     train_ds, info = _load(dataset, "train", data_dir)
     test_ds, _ = _load(dataset, "test", data_dir)
 
+    def batches(ds, **kwargs):
+        ds = data.pipeline(ds, batch_size, **kwargs)
+        return _shard_by_data(ds) if strategy == "multiworker" else ds
+
     keras.utils.set_random_seed(seed)
-    f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
-    g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
-    total_steps = epochs * math.ceil(info.num_examples / batch_size)
-    learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)
-    g.compile(
-        optimizer=make_optimizer(learning_rate=learning_rate),
-        loss=loss_fn,
-        metrics=["clean_acc", "vra", "rejection_rate"],
-    )
+    with distribution.scope:
+        f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
+        g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
+        total_steps = epochs * math.ceil(info.num_examples / batch_size)
+        learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)
+        g.compile(
+            optimizer=make_optimizer(learning_rate=learning_rate),
+            loss=loss_fn,
+            metrics=["clean_acc", "vra", "rejection_rate"],
+        )
 
     backup = out / "backup"
+    if strategy == "multiworker":
+        _agree_on_backup(distribution.strategy, backup)
     if backup.exists():
         print(f"Resuming from {backup}")
     else:
@@ -296,7 +446,7 @@ def train(
         shutil.rmtree(out / "logs", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     g.fit(
-        data.pipeline(train_ds, batch_size, training=True, augmentation=augmentation, seed=seed),
+        batches(train_ds, training=True, augmentation=augmentation, seed=seed),
         epochs=epochs,
         shuffle=False,  # the pipeline shuffles
         verbose=verbose,
@@ -305,8 +455,7 @@ def train(
 
     evaluations = {}
     for split, ds in (("train", train_ds), ("test", test_ds)):
-        batches = data.pipeline(ds, batch_size, training=False, cache=False)
-        logs = g.evaluate(batches, verbose=0, return_dict=True)
+        logs = g.evaluate(batches(ds, training=False, cache=False), verbose=0, return_dict=True)
         evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
     g.save(out / "model.keras")
     g.export(str(out / "saved_model"), verbose=False)
@@ -327,6 +476,9 @@ def train(
     }
     _write_json(out / "results.json", results)
     shutil.rmtree(backup)
+    if not distribution.is_chief:
+        shutil.rmtree(out)
+        return results
     print(
         f"test: clean accuracy {evaluations['test']['clean_acc']:.4f}, VRA {evaluations['test']['vra']:.4f} "
         f"at epsilon {epsilon}, rejection rate {evaluations['test']['rejection_rate']:.4f}; "

@@ -1,49 +1,231 @@
-"""Training under tf.distribute keeps the spectral-norm caches in sync."""
+"""Training on several devices and machines gives what one device gives.
 
+Devices are configured per process, so every distributed run happens in a
+fresh interpreter, bounded in time: tests/replicas.py for two devices in one
+process, scripts/train.py for two worker processes on 127.0.0.1.
+"""
+
+import csv
+import gzip
+import importlib.util
+import json
+import os
+import re
+import socket
 import subprocess
 import sys
-import textwrap
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+CERTIFY = ROOT / "scripts" / "certify.py"
+EPOCHS = 4
+EPSILON = 0.1
+
+
+def _env(**overrides):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GLORO_DATA_DIR": "", **overrides}
+
+
+def _run_replicas(engine, **env):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "replicas.py"), engine],
+        capture_output=True, text=True, env=_env(**env), timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.splitlines()[-1] == "OK"
 
 
 @pytest.mark.tensorflow
-def test_mirrored_strategy_keeps_caches_identical_across_replicas(tmp_path):
-    # Logical devices must be configured before TensorFlow starts: run in a
-    # fresh interpreter.
-    script = textwrap.dedent("""
-        import numpy as np
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import keras
-        import gloro
-        from gloro import layers
+def test_mirrored_strategy_matches_one_device():
+    _run_replicas("mirrored")
 
-        keras.utils.set_random_seed(0)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(256, 8, 8, 1)).astype("float32")
-        y = rng.integers(0, 3, 256)
-        with strategy.scope():
-            inputs = keras.Input((8, 8, 1))
-            z = layers.Conv2D(8, 3, strides=2, padding="same")(inputs)
-            z = layers.MinMax()(z)
-            z = layers.Flatten()(z)
-            g = gloro.GloroNet(inputs, layers.Dense(3)(z), epsilon=0.1)
-            g.compile(optimizer="adam", loss="crossentropy", metrics=["vra"])
-        g.fit(x, y, epochs=2, batch_size=32, verbose=0, validation_data=(x[:64], y[:64]))
-        for layer in g.f.layers:
-            if isinstance(layer, gloro.layers.SpectralNormCache):
-                for variable in (layer.power_vector, layer.lipschitz_estimate, layer.lipschitz_bound):
-                    copies = [c.numpy() for c in variable.value.values]
-                    assert len(copies) == 2, copies
-                    np.testing.assert_array_equal(copies[0], copies[1])
-        copies = [c.numpy() for c in g._margin_lipschitz.value.values]
-        np.testing.assert_array_equal(copies[0], copies[1])
-        assert g.lipschitz_frozen
-        print("OK", g.evaluate(x, y, verbose=0, return_dict=True)["vra"])
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK" in result.stdout
+
+# Runs on either parent backend: the subprocess picks JAX itself.
+def test_jax_data_parallel_matches_one_device():
+    pytest.importorskip("jax")
+    _run_replicas("data_parallel", KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def test_train_refuses_a_strategy_it_cannot_run(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    import keras
+    from typer.testing import CliRunner
+
+    spec = importlib.util.spec_from_file_location("_train_strategies", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if keras.backend.backend() == "tensorflow":
+        cases = [("data_parallel", "needs the jax backend"), ("multiworker", "TF_CONFIG")]
+    else:
+        cases = [("mirrored", "needs the tensorflow backend")]
+    for strategy, reason in cases:
+        result = CliRunner().invoke(train.app, ["--strategy", strategy, "--out", str(tmp_path / "out")])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 2, result.output
+        assert len(errors) == 1 and "--strategy" in errors[0] and reason in errors[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------ two workers on 127.0.0.1
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.tobytes())
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class _Job:
+    """Both workers of one multi-worker training job."""
+
+    def __init__(self, data_dir, out, logs, attempt):
+        ports = _free_ports(2)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        self.logs = [logs / f"attempt{attempt}_worker{i}.log" for i in range(2)]
+        self.processes = []
+        for index, log in enumerate(self.logs):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            command = [
+                sys.executable, str(TRAIN), "--strategy", "multiworker", "--dataset", "synthetic",
+                "--data-dir", str(data_dir), "--out", str(out), "--architecture", "cnn_2C2F",
+                "--epsilon", str(EPSILON), "--epochs", str(EPOCHS), "--batch-size", "16", "--verbose", "2",
+            ]
+            with open(log, "w") as file:
+                self.processes.append(subprocess.Popen(
+                    command, stdout=file, stderr=subprocess.STDOUT, env=_env(TF_CONFIG=tf_config, KERAS_BACKEND="tensorflow")
+                ))
+
+    def output(self):
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
+
+    def kill(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    def wait(self, timeout):
+        deadline = time.monotonic() + timeout
+        try:
+            for process in self.processes:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the workers did not finish in {timeout} s\n{self.output()}")
+        codes = [p.returncode for p in self.processes]
+        assert codes == [0, 0], f"exit codes {codes}\n{self.output()}"
+
+
+def _backed_up_epoch(backup, name="training_metadata.json"):
+    try:
+        return json.loads((backup / name).read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def resumed_job(tmp_path_factory):
+    """A two-worker run whose second worker is killed during the third epoch
+    and which a scheduler then restarts (both workers).
+
+    The second worker's backup is first set back by an epoch, as if it had
+    died after the chief backed up the second epoch but before it did: the
+    restarted workers must agree on the first epoch.
+
+    Returns `(out, epoch the restarted chief resumed at, its log, every
+    worker process started)`.
+    """
+    pytest.importorskip("tensorflow")
+    root = tmp_path_factory.mktemp("multiworker")
+    rng = np.random.default_rng(0)
+    prototypes = rng.random((4, 8, 8))
+    data_dir = root / "data"
+    (data_dir / "synthetic").mkdir(parents=True)
+    for prefix, n in (("train", 384), ("t10k", 128)):
+        labels = rng.integers(0, 4, n)
+        images = 255 * (0.4 * prototypes[labels] + 0.6 * rng.random((n, 8, 8)))
+        _write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        _write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    out = root / "run"
+    backups = [out / "backup", Path(f"{out}.workertemp_worker_1") / "backup"]
+
+    job = _Job(data_dir, out, root, attempt=0)
+    try:
+        deadline = time.monotonic() + 180
+        while min(_backed_up_epoch(b) for b in backups) < 2:
+            if any(p.poll() is not None for p in job.processes) or time.monotonic() > deadline:
+                pytest.fail(f"no epoch backed up by both workers\n{job.output()}")
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in job.processes), "trained to the end before the kill"
+        job.processes[1].kill()
+    finally:
+        # The scheduler sees a failed task and tears the whole job down.
+        job.kill()
+    epochs = [_backed_up_epoch(b) for b in backups]
+    assert epochs[0] == epochs[1] < EPOCHS, epochs
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        os.replace(backups[1] / f"{name}.bkp", backups[1] / name)
+    assert _backed_up_epoch(backups[1]) == epochs[0] - 1
+
+    restarted = _Job(data_dir, out, root, attempt=1)
+    restarted.wait(timeout=240)
+    return out, epochs[0] - 1, restarted.logs[0].read_text(), job.processes + restarted.processes
+
+
+@pytest.mark.tensorflow
+def test_multiworker_resumes_after_a_worker_is_killed(resumed_job):
+    out, resumed_at, chief_log, processes = resumed_job
+    assert all(p.poll() is not None for p in processes)
+    assert f"Resuming from epoch {resumed_at}, the last one every worker backed up" in chief_log
+    first = re.search(r"^Epoch (\d+)/(\d+)$", chief_log, re.MULTILINE)
+    assert first and (int(first[1]), int(first[2])) == (resumed_at + 1, EPOCHS), chief_log[-3000:]
+    with open(out / "history.csv", newline="") as file:
+        assert [int(row["epoch"]) for row in csv.DictReader(file)] == list(range(EPOCHS))
+    # Only the chief wrote --out; the other worker removed its folder.
+    assert not (out / "backup").exists()
+    assert not list(out.parent.glob(f"{out.name}.workertemp_*"))
+    assert (out / "model.keras").exists() and (out / "saved_model" / "saved_model.pb").exists()
+
+
+@pytest.mark.tensorflow
+def test_multiworker_model_certifies_as_one_process_would(resumed_job):
+    import gloro
+    from gloro import architectures
+
+    out = resumed_job[0]
+    g = gloro.load_model(out / "model.keras")
+    fresh = gloro.GloroNet(model=architectures.get("cnn_2C2F", (8, 8, 1), 4), epsilon=EPSILON)
+    fresh.f.set_weights(g.f.get_weights())
+    np.testing.assert_array_equal(g.lipschitz_constant(), fresh.lipschitz_constant())
+
+    data_dir = out.parent / "data"
+    result = subprocess.run(
+        [sys.executable, str(CERTIFY), "--model", str(out / "model.keras"), "--dataset", "synthetic",
+         "--data-dir", str(data_dir), "--out", str(out / "certified"), "--verbose", "0"],
+        capture_output=True, text=True, env=_env(), timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads((out / "certified" / "certify.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    # The chief's evaluation, sharded over both workers, saw every test
+    # example once.
+    for key in ("clean_acc", "vra", "rejection_rate"):
+        assert report[key] == pytest.approx(results["test"][key], abs=1e-6), key
+    assert report["lipschitz_constant"] == pytest.approx(results["lipschitz_constant"])
+    assert 0 < report["vra"] <= report["clean_acc"]
