@@ -12,13 +12,21 @@ reported:
 3. memory per instance during training and certification (target: GloroNet
    within 1.2x of plain);
 4. Lipschitz upkeep: `refresh_lipschitz()` from a random and from a warm start,
-   and `freeze_lipschitz()`.
+   and `freeze_lipschitz()`;
+5. the stale-weight check: `predict` of the GloroNet against the same GloroNet
+   whose in-graph weight check is a constant True (target >= 0.95), and the
+   Python-side `_ensure_frozen()` per `predict` call.
+
+Runs on the Keras backend of the process (KERAS_BACKEND=tensorflow or jax);
+both feed tf.data pipelines. The TF allocator figures and the ablations are
+TensorFlow-only.
 
 Usage (from the repository root):
 
     python benchmarks/run.py --quick          # smoke check, under ~2 minutes
     python benchmarks/run.py                  # full run, writes benchmarks/results.json
-    python benchmarks/run.py --ablations      # also: where the time goes
+    KERAS_BACKEND=jax python benchmarks/run.py   # writes benchmarks/results_jax.json
+    python benchmarks/run.py --ablations      # also: where the time goes (TensorFlow)
 
 See BENCHMARKS.md for the method and the latest figures.
 """
@@ -51,9 +59,10 @@ DEFAULT_NETWORKS = ("cnn_2C2F", "cnn_6C2F")
 QUICK_EXAMPLES = {"cnn_2C2F": (6_144, 2_048), "cnn_6C2F": (768, 1_024),
                   "cnn_4C3F": (2_048, 2_048), "cnn_8C2F": (512, 1_024)}
 
-SECTIONS = ("train", "certify", "memory", "lipschitz", "ablations")
+SECTIONS = ("train", "certify", "stale", "memory", "lipschitz", "ablations")
 
-TARGETS = {"train_ratio_max": 1.15, "certify_ratio_min": 0.95, "memory_ratio_max": 1.2}
+TARGETS = {"train_ratio_max": 1.15, "certify_ratio_min": 0.95, "stale_check_ratio_min": 0.95,
+           "memory_ratio_max": 1.2}
 
 MB = 1024.0 * 1024.0
 
@@ -139,7 +148,9 @@ def _status_kb(key):
 # ---------------------------------------------------------------- models
 
 
-def _tf_setup(args):
+def _setup(args):
+    """TensorFlow (imported on every backend: the input pipelines are tf.data),
+    with its thread settings applied when it is also the Keras backend."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -173,7 +184,7 @@ def _plain_keras_copy(model):
     return plain
 
 
-def build_models(name, seed, baseline, jit, power_iterations=1):
+def build_models(name, seed, baseline, jit, power_iterations=None):
     """`(plain, gloro)`: the same architecture and initial weights, compiled
     with Adam(1e-3); plain with sparse categorical cross-entropy from logits,
     GloroNet with gloro's "crossentropy" on the m + 1 logits."""
@@ -192,7 +203,9 @@ def build_models(name, seed, baseline, jit, power_iterations=1):
         jit_compile=jit,
     )
     f = architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed)
-    g = gloro.GloroNet(model=f, epsilon=spec["epsilon"], power_iterations=power_iterations)
+    # None keeps GloroNet's own default.
+    extra = {} if power_iterations is None else {"power_iterations": power_iterations}
+    g = gloro.GloroNet(model=f, epsilon=spec["epsilon"], **extra)
     g.compile(optimizer=keras.optimizers.Adam(1e-3), loss="crossentropy", jit_compile=jit)
     return plain, g
 
@@ -312,35 +325,79 @@ def bench_training(plain, g, x, y, repeats, log, input_kind="dataset"):
 # -------------------------------------------------------- 2 certification
 
 
-def bench_certification(plain, g, x, repeats, log, n_examples, input_kind="dataset"):
-    """Interleaved predict calls after one untimed warm-up predict each. `x`
-    is a tf.data.Dataset of input batches unless `input_kind` is "numpy"."""
-    import numpy as np
-
+def interleaved_predict(models, x, repeats, n_examples, input_kind="dataset"):
+    """Throughput of `predict` for two models `{"base": ..., "other": ...}`:
+    one untimed warm-up call each (traces), then interleaved timed calls.
+    Returns the summaries, the ratios other / base (wall and CPU time) and
+    the other model's last outputs. `x` is a tf.data.Dataset of input batches
+    unless `input_kind` is "numpy"."""
     kwargs = {"batch_size": CERTIFY_BATCH} if input_kind == "numpy" else {}
-
-    g.freeze_lipschitz()
-    models = {"plain": plain, "gloro": g}
+    (base, _), (other, _) = models.items()
     for m in models.values():
-        m.predict(x, verbose=0, **kwargs)   # warm-up: traces
-    samples = {"plain": [], "gloro": []}
+        m.predict(x, verbose=0, **kwargs)
+    samples = {k: [] for k in models}
     outputs = None
     for r in range(repeats):
-        order = ("plain", "gloro") if r % 2 == 0 else ("gloro", "plain")
-        for kind in order:
+        for kind in ((base, other) if r % 2 == 0 else (other, base)):
             sample, out = timed(lambda: models[kind].predict(x, verbose=0, **kwargs))
             samples[kind].append(sample)
-            if kind == "gloro":
+            if kind == other:
                 outputs = out
     res = {k: summarize(v) for k, v in samples.items()}
-    for k in res:
+    for k in models:
         res[k]["examples_per_s"] = n_examples / res[k]["wall_median"]
         res[k]["examples_per_cpu_s"] = n_examples / res[k]["cpu_median"]
-    res["ratio"] = _ratio(res["gloro"]["examples_per_s"], res["plain"]["examples_per_s"])
-    res["ratio_cpu"] = _ratio(res["gloro"]["examples_per_cpu_s"], res["plain"]["examples_per_cpu_s"])
+    res["ratio"] = _ratio(res[other]["examples_per_s"], res[base]["examples_per_s"])
+    res["ratio_cpu"] = _ratio(res[other]["examples_per_cpu_s"], res[base]["examples_per_cpu_s"])
+    return res, outputs
+
+
+def bench_certification(plain, g, x, repeats, log, n_examples, input_kind="dataset"):
+    """Frozen GloroNet `predict` against plain `predict`."""
+    import numpy as np
+
+    g.freeze_lipschitz()
+    res, outputs = interleaved_predict({"plain": plain, "gloro": g}, x, repeats, n_examples, input_kind)
     res["rejection_rate"] = float(np.mean(np.argmax(outputs, axis=1) == NUM_CLASSES))
-    log("    predict {} examples: plain {:.0f}/s, gloro {:.0f}/s, ratio {:.3f}".format(
-        n_examples, res["plain"]["examples_per_s"], res["gloro"]["examples_per_s"], res["ratio"]))
+    log("    predict {} examples: plain {:.0f}/s, gloro {:.0f}/s, ratio {:.3f} (cpu {:.3f})".format(
+        n_examples, res["plain"]["examples_per_s"], res["gloro"]["examples_per_s"], res["ratio"], res["ratio_cpu"]))
+    return res
+
+
+def bench_stale_check(g, x, repeats, log, n_examples, input_kind="dataset"):
+    """What the stale-weight protection costs `predict`: `g` against a second
+    GloroNet on the same `f` (same weights, same frozen constants) whose
+    in-graph check `_weights_are_certified()` is a constant True, which also
+    makes its Python-side `_ensure_frozen()` free; it still holds the weight
+    copies, unread. Then `_ensure_frozen()` alone, per call."""
+    import numpy as np
+    import gloro
+    from keras import ops
+
+    class Unchecked(gloro.GloroNet):
+        def _weights_are_certified(self):
+            return ops.convert_to_tensor(True)
+
+    unchecked = Unchecked(model=g.f, epsilon=g.epsilon, power_iterations=g.power_iterations)
+    if unchecked.f is not g.f:
+        raise RuntimeError("the unchecked GloroNet does not share g's network")
+    unchecked._margin_lipschitz.assign(g.freeze_lipschitz())
+    res, _ = interleaved_predict({"unchecked": unchecked, "checked": g}, x, repeats, n_examples, input_kind)
+    sample_batch = np.asarray(next(iter(x)) if input_kind != "numpy" else x[:CERTIFY_BATCH])
+    if not np.array_equal(g.predict_on_batch(sample_batch), unchecked.predict_on_batch(sample_batch)):
+        raise RuntimeError("the checked and unchecked GloroNets disagree")
+
+    calls, per_call = 50, []
+    for _ in range(5):
+        sample, _ = timed(lambda: [g._ensure_frozen() for _ in range(calls)])
+        per_call.append({k: (v / calls if k != "background" else v) for k, v in sample.items()})
+    res["ensure_frozen"] = summarize(per_call)
+    res["ensure_frozen_ms"] = res["ensure_frozen"]["wall_median"] * 1e3
+    res["ensure_frozen_share_of_predict"] = res["ensure_frozen"]["wall_median"] / res["checked"]["wall_median"]
+    log("    predict {} examples: checked {:.0f}/s, unchecked {:.0f}/s, ratio {:.3f} (cpu {:.3f}); "
+        "_ensure_frozen() {:.2f} ms per call".format(
+            n_examples, res["checked"]["examples_per_s"], res["unchecked"]["examples_per_s"], res["ratio"],
+            res["ratio_cpu"], res["ensure_frozen_ms"]))
     return res
 
 
@@ -361,6 +418,10 @@ def bench_memory_allocator(tf, plain, g, x, y, jit, marginal=True):
     certification batch (predict_on_batch), at the benchmark batch size B and
     (unless `marginal` is False) at 2B: gross = peak(B) / B,
     marginal = (peak(2B) - peak(B)) / B."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return {"note": "not measured: the TF allocator only sees TensorFlow's tensors; see rss"}
     if jit:
         return {"note": "not measured: under jit_compile XLA's buffers bypass the TF allocator; see rss"}
     try:
@@ -407,13 +468,13 @@ def rss_worker(spec):
     """Fresh process: build, then peak RSS (VmHWM, reset after setup) of one
     phase above the RSS after setup. Prints one JSON line."""
     args = argparse.Namespace(intra_op=spec["intra_op"], inter_op=spec["inter_op"])
-    tf = _tf_setup(args)
+    tf = _setup(args)
     import keras
     import gloro
 
     name, kind, phase, batch = spec["network"], spec["kind"], spec["phase"], spec["batch"]
     keras.utils.set_random_seed(spec["seed"])
-    plain, g = build_models(name, spec["seed"], spec["baseline"], spec["jit"])
+    plain, g = build_models(name, spec["seed"], spec["baseline"], spec["jit"], spec["power_iterations"])
     model = g if kind == "gloro" else plain
     n = batch * spec["steps"]
     x, y = synthetic_data(NETWORKS[name]["input_shape"], n, spec["seed"])
@@ -480,10 +541,12 @@ def _mark_frozen(g):
     constants' values do not change what predict costs. Falls back to
     freeze_lipschitz if GloroNet's internals change."""
     import numpy as np
+    from keras import ops
 
     try:
         g._margin_lipschitz.assign(np.ones((g.num_classes, g.num_classes), np.float32))
-        g._frozen.assign(1.0)
+        for copy, weight in zip(g._certified_copies, g._certified_for):
+            copy.assign(ops.convert_to_numpy(weight))
         assert g.lipschitz_frozen
     except (AttributeError, AssertionError):
         g.freeze_lipschitz()
@@ -523,7 +586,7 @@ def bench_memory_rss(args, name, log):
 
 def _run_worker(args, name, kind, phase, batch, steps):
     spec = {"network": name, "kind": kind, "phase": phase, "batch": batch, "steps": steps,
-            "seed": args.seed, "baseline": args.baseline, "jit": args.jit,
+            "seed": args.seed, "baseline": args.baseline, "jit": args.jit, "power_iterations": args.power_iterations,
             "intra_op": args.intra_op, "inter_op": args.inter_op}
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
@@ -609,7 +672,7 @@ def bench_ablations(tf, name, seed, jit, steps, repeats, log):
 
         def call(self, x, training=False):
             logits = self.f(x, training=training)
-            return tf.concat([logits, tf.zeros_like(logits[:, :1])], axis=1)
+            return keras.ops.concatenate([logits, keras.ops.zeros_like(logits[:, :1])], axis=1)
 
     def variant(label, kind, jit_v=jit, power_iterations=None):
         keras.utils.set_random_seed(seed)
@@ -720,7 +783,7 @@ def _freeze_profile(name, seed, log):
     g = gloro.GloroNet(model=architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed + 7),
                        epsilon=spec["epsilon"])
     events = []
-    names = ["power_converge", "circular_conv_bound", "materialised_matrix", "_matrix_norm", "dense_bound",
+    names = ["power_converge", "circular_conv_bound", "conv_matrix", "_matrix_norm", "dense_bound",
              "pairwise_column_distances"]
     originals = {n: getattr(lipschitz, n) for n in names}
 
@@ -736,7 +799,7 @@ def _freeze_profile(name, seed, log):
             setattr(lipschitz, n, wrap(n, originals[n]))
         profile = {}
         for stage, fn in (("refresh_random", g.refresh_lipschitz), ("freeze_after_refresh", g.freeze_lipschitz),
-                          ("freeze_again", lambda: (g._frozen.assign(0.0), g.freeze_lipschitz()))):
+                          ("freeze_again", g.freeze_lipschitz)):
             events.clear()
             sample, _ = timed(fn)
             parts = {}
@@ -795,7 +858,8 @@ def print_report(results):
     nets = results["networks"]
     s = results["settings"]
     print()
-    print(f"GloRo Net vs plain Keras ({s['baseline']} baseline), jit_compile={s['jit_compile']}, "
+    print(f"GloRo Net vs plain Keras on {results['backend']} ({s['baseline']} baseline), "
+          f"jit_compile={s['jit_compile']}, power_iterations={s.get('power_iterations')}, "
           f"{s['repeats']} repeats, median; {results['machine'].get('cpu_model', '?')}, "
           f"{results['machine'].get('usable_cpus')} cores")
     if any("training" in r for r in nets.values()):
@@ -817,15 +881,30 @@ def print_report(results):
     if any("certification" in r for r in nets.values()):
         print()
         print("2. Certification, examples per second of predict (batch 512)")
-        print(f"  {'network':10s} {'examples':>8s} {'plain/s':>9s} {'gloro/s':>9s} {'ratio':>7s} {'cpu':>7s}"
-              f"  target >= {TARGETS['certify_ratio_min']}")
+        print(f"  {'network':10s} {'examples':>8s} {'plain/s':>9s} {'gloro/s':>9s} {'ratio':>7s} {'cpu':>7s} "
+              f"{'bg load':>7s}  target >= {TARGETS['certify_ratio_min']}")
         for name, r in nets.items():
             c = r.get("certification")
             if not c:
                 continue
             print(f"  {name:10s} {r['certify_examples']:8d} {c['plain']['examples_per_s']:9.0f} "
-                  f"{c['gloro']['examples_per_s']:9.0f} {_fmt(c['ratio'], '7.3f')} {_fmt(c['ratio_cpu'], '7.3f')}  "
+                  f"{c['gloro']['examples_per_s']:9.0f} {_fmt(c['ratio'], '7.3f')} {_fmt(c['ratio_cpu'], '7.3f')} "
+                  f"{_fmt(c['gloro']['background_median'], '7.2f')}  "
                   f"{_check(c['ratio'], TARGETS['certify_ratio_min'], 'min')}")
+    if any("stale_check" in r for r in nets.values()):
+        print()
+        print("2b. Stale-weight check, predict examples per second: GloroNet as is vs the same GloroNet with "
+              "the check a constant True;\n    _ensure_frozen: its Python-side cost per predict call")
+        print(f"  {'network':10s} {'unchecked/s':>11s} {'checked/s':>9s} {'ratio':>7s} {'cpu':>7s} {'bg load':>7s} "
+              f"{'ensure ms':>9s}  target >= {TARGETS['stale_check_ratio_min']}")
+        for name, r in nets.items():
+            c = r.get("stale_check")
+            if not c:
+                continue
+            print(f"  {name:10s} {c['unchecked']['examples_per_s']:11.0f} {c['checked']['examples_per_s']:9.0f} "
+                  f"{_fmt(c['ratio'], '7.3f')} {_fmt(c['ratio_cpu'], '7.3f')} "
+                  f"{_fmt(c['checked']['background_median'], '7.2f')} {c['ensure_frozen_ms']:9.2f}  "
+                  f"{_check(c['ratio'], TARGETS['stale_check_ratio_min'], 'min')}")
     if any("memory" in r for r in nets.values()):
         print()
         print("3. Memory per instance, MB. gross: peak above the pre-phase level / B (B = 256 training, 512 "
@@ -878,10 +957,13 @@ def parse_args(argv=None):
                    help="timed repetitions per figure; the median is reported (default 5, --quick 2)")
     p.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated, among {', '.join(NETWORKS)} (default: %(default)s)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results.json"),
-                   help="JSON output path (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="JSON output path (default: benchmarks/results.json, benchmarks/results_jax.json on JAX)")
     p.add_argument("--jit", action="store_true",
-                   help="jit_compile=True (XLA) for both models; default False, Keras' own default on CPU")
+                   help="jit_compile=True (XLA) for both models on TensorFlow (default False, Keras' own "
+                        "default on CPU); JAX always compiles")
+    p.add_argument("--power-iterations", type=int, default=None,
+                   help="GloroNet's power-iteration steps per training step (default: GloroNet's default)")
     p.add_argument("--baseline", choices=["keras", "gloro-layers"], default="keras",
                    help="plain network built from keras.layers.Dense/Conv2D (default) or the gloro-layer model itself")
     p.add_argument("--input", choices=["dataset", "numpy"], default="dataset",
@@ -898,8 +980,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all but ablations; "
                         "--ablations adds it)")
-    p.add_argument("--intra-op", type=int, default=0, help="TF intra-op threads (0: TF default)")
-    p.add_argument("--inter-op", type=int, default=0, help="TF inter-op threads (0: TF default)")
+    p.add_argument("--intra-op", type=int, default=0, help="TF intra-op threads (0: TF default; TensorFlow only)")
+    p.add_argument("--inter-op", type=int, default=0, help="TF inter-op threads (0: TF default; TensorFlow only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -913,6 +995,8 @@ def parse_args(argv=None):
         args.repeats = 2 if args.quick else 5
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.power_iterations is not None and args.power_iterations < 1:
+        p.error("--power-iterations must be >= 1")
     if args.rss is None:
         args.rss = not args.quick
     sections = args.sections.split(",") if args.sections else [x for x in SECTIONS if x != "ablations"]
@@ -935,27 +1019,47 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
 
-    tf = _tf_setup(args)
+    tf = _setup(args)
     import keras
     import numpy as np
+    from keras import ops
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if args.intra_op or args.inter_op:
+            raise SystemExit("--intra-op/--inter-op set TensorFlow's thread pools; XLA on JAX has its own")
+        # Keras' own choice on JAX: every step is compiled.
+        args.jit = True
+        versions = {"jax": jax.__version__, "tensorflow (tf.data only)": tf.__version__}
+    else:
+        versions = {"tensorflow": tf.__version__}
+    if args.out is None:
+        args.out = os.path.join("benchmarks", "results.json" if backend == "tensorflow" else f"results_{backend}.json")
+    if backend != "tensorflow" and "ablations" in args.sections:
+        args.sections.remove("ablations")
+        log("ablations skipped: they drive TensorFlow's train function directly")
 
     results = {
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv else "run.py"] + sys.argv[1:]),
-        "machine": {**machine_info(), "tensorflow": tf.__version__, "keras": keras.__version__,
+        "backend": backend,
+        "machine": {**machine_info(), **versions, "keras": keras.__version__,
                     "numpy": np.__version__, "loadavg_start": os.getloadavg()},
         "settings": {
             "quick": args.quick, "repeats": args.repeats, "jit_compile": args.jit, "baseline": args.baseline,
             "train_batch": TRAIN_BATCH, "certify_batch": CERTIFY_BATCH, "optimizer": "Adam(1e-3)",
             "plain_loss": "SparseCategoricalCrossentropy(from_logits=True)", "gloro_loss": "crossentropy",
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "TF default",
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "TF default",
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or f"{backend} default",
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or f"{backend} default",
             "rss": args.rss, "seed": args.seed, "sections": args.sections, "input": args.input, "data": "synthetic: uniform [0, 1) inputs, uniform labels",
         },
         "targets": TARGETS,
         "networks": {},
     }
-    log(f"TF {tf.__version__}, Keras {keras.__version__}, jit_compile={args.jit}, repeats={args.repeats}")
+    log(f"backend {backend} ({', '.join(f'{k} {v}' for k, v in versions.items())}), Keras {keras.__version__}, "
+        f"jit_compile={args.jit}, repeats={args.repeats}")
     for name in args.networks:
         spec = NETWORKS[name]
         n_train, n_cert = spec["train_examples"], spec["certify_examples"]
@@ -967,8 +1071,9 @@ def main(argv=None):
         keras.utils.set_random_seed(args.seed)
         x, y = synthetic_data(spec["input_shape"], n_train, args.seed)
         xc, _ = synthetic_data(spec["input_shape"], n_cert, args.seed + 1)
-        plain, g = build_models(name, args.seed, args.baseline, args.jit)
-        same = np.allclose(plain(x[:16]).numpy(), g.f(x[:16]).numpy(), atol=1e-5)
+        plain, g = build_models(name, args.seed, args.baseline, args.jit, args.power_iterations)
+        results["settings"]["power_iterations"] = g.power_iterations
+        same = np.allclose(ops.convert_to_numpy(plain(x[:16])), ops.convert_to_numpy(g.f(x[:16])), atol=1e-5)
         if not same:
             raise RuntimeError("plain and GloroNet networks do not compute the same logits at start")
         net = {"input_shape": list(spec["input_shape"]), "train_examples": n_train, "certify_examples": n_cert,
@@ -981,10 +1086,13 @@ def main(argv=None):
             else:
                 net["training"] = bench_training(plain, g, make_dataset(tf, (x, y), TRAIN_BATCH), None,
                                                  args.repeats, log)
+        data = xc if args.input == "numpy" else make_dataset(tf, xc, CERTIFY_BATCH)
         if "certify" in args.sections:
             log("  certification")
-            data = xc if args.input == "numpy" else make_dataset(tf, xc, CERTIFY_BATCH)
             net["certification"] = bench_certification(plain, g, data, max(5, args.repeats), log, len(xc), args.input)
+        if "stale" in args.sections:
+            log("  stale-weight check: predict with the check vs with a constant True")
+            net["stale_check"] = bench_stale_check(g, data, max(5, args.repeats), log, len(xc), args.input)
         if "memory" in args.sections:
             log("  memory (TF allocator)")
             net["memory"] = {"allocator": bench_memory_allocator(tf, plain, g, x, y, args.jit, marginal=not args.quick)}
@@ -1004,6 +1112,8 @@ def main(argv=None):
             "train_ratio_cpu": net.get("training", {}).get("ratio_cpu"),
             "certify_ratio": net.get("certification", {}).get("ratio"),
             "certify_ratio_cpu": net.get("certification", {}).get("ratio_cpu"),
+            "stale_check_ratio": net.get("stale_check", {}).get("ratio"),
+            "stale_check_ratio_cpu": net.get("stale_check", {}).get("ratio_cpu"),
             "memory_train_ratio": net.get("memory", {}).get("allocator", {}).get("train", {}).get("ratio_gross"),
             "memory_certify_ratio": net.get("memory", {}).get("allocator", {}).get("certify", {}).get("ratio_gross"),
         }
@@ -1016,6 +1126,8 @@ def main(argv=None):
         net["targets_met"] = {
             "train": None if figures["train_ratio"] is None else figures["train_ratio"] <= TARGETS["train_ratio_max"],
             "certify": None if figures["certify_ratio"] is None else figures["certify_ratio"] >= TARGETS["certify_ratio_min"],
+            "stale_check": None if figures["stale_check_ratio"] is None
+            else figures["stale_check_ratio"] >= TARGETS["stale_check_ratio_min"],
             "memory": None if figures["memory_train_ratio"] is None else all(
                 v is not None and v <= TARGETS["memory_ratio_max"]
                 for v in (figures["memory_train_ratio"], figures["memory_certify_ratio"])),
