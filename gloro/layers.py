@@ -13,6 +13,10 @@ non-trainable weights saved with the model, a power-iteration vector, the
 latest spectral-norm estimate and the latest guaranteed bound, and offer
 `power_step` (a differentiable estimate for training) and `converge`.
 
+Branches meet in `Add`, `Subtract`, `Average` or `Concatenate` (Keras' own
+layers, re-exported here); `MERGE_BOUNDS` says how each combines its inputs'
+bounds, and `gloro.graph` propagates them through the model.
+
 Your own layer: give it a `guaranteed_bound(self)` method returning a float
 that is at least its Lipschitz constant on its built input shape (and refuse
 shapes or settings you cannot bound). `GloroNet` then accepts it; the bound
@@ -42,6 +46,10 @@ from keras import ops
 from gloro import backend, lipschitz
 
 ReLU = keras.layers.ReLU
+Add = keras.layers.Add
+Subtract = keras.layers.Subtract
+Average = keras.layers.Average
+Concatenate = keras.layers.Concatenate
 Flatten = keras.layers.Flatten
 Reshape = keras.layers.Reshape
 AveragePooling2D = keras.layers.AveragePooling2D
@@ -291,6 +299,100 @@ class Conv2D(SpectralNormCache, keras.layers.Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="gloro")
+class LiResNetBlock(Conv2D):
+    """Affine residual block `x -> conv(x; I + W) + b` (LiResNet).
+
+    The identity is folded into the kernel: the block is one convolution
+    whose kernel is `W` plus the identity at its centre tap, so it is
+    bounded by the spectral norm of that single operator (power iteration
+    during training, `gloro.lipschitz.conv_bound` when frozen), which is far
+    tighter than the `1 + ||W||` of a plain residual `x + conv(x; W)`.
+
+    Stride 1, "same" padding, as many output channels as input channels, and
+    no activation inside: put `MinMax` after it. `W` starts at zero, so a
+    new block is the identity.
+
+    Args:
+        kernel_size: an odd int or pair of odd ints (the identity sits at the
+            centre tap).
+        **kwargs: the other arguments of `keras.layers.Conv2D` that keep the
+            block's shape (`use_bias`, initializers, regularizers,
+            constraints, `name`, `dtype`).
+
+    Example:
+
+    ```python
+    z = gloro.layers.LiResNetBlock(3)(z)
+    z = gloro.layers.MinMax()(z)
+    ```
+    """
+
+    _FIXED = ("filters", "strides", "padding", "data_format", "dilation_rate", "groups", "activation")
+
+    def __init__(self, kernel_size=3, kernel_initializer="zeros", **kwargs):
+        fixed = sorted(set(kwargs) & set(self._FIXED))
+        if fixed:
+            raise ValueError(
+                f"LiResNetBlock fixes {', '.join(fixed)}: it keeps the channels and "
+                "the spatial size (stride 1, 'same' padding) and has no activation "
+                "inside. Put a gloro.layers.MinMax after it."
+            )
+        super().__init__(
+            filters=None, kernel_size=kernel_size, padding="same",
+            kernel_initializer=kernel_initializer, **kwargs,
+        )
+        if any(size % 2 == 0 for size in self.kernel_size):
+            raise ValueError(
+                f"LiResNetBlock needs an odd kernel_size (the identity sits at its "
+                f"centre tap), got {kernel_size!r}."
+            )
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"Layer '{self.name}': the number of input channels must be known.")
+        self.filters = channels
+        super().build(input_shape)
+        kh, kw = self.kernel_size
+        identity = np.zeros((kh, kw, channels, channels), np.float32)
+        identity[kh // 2, kw // 2] = np.eye(channels)
+        self._identity = identity
+
+    def folded_kernel(self, kernel=None):
+        """`W` plus the identity at the centre tap: the block's kernel.
+
+        Args:
+            kernel: a value for `W` (a tensor or NumPy array); defaults to
+                the layer's own.
+
+        Returns:
+            a tensor, or a NumPy float64 array when `kernel` is one.
+        """
+        kernel = self.kernel if kernel is None else kernel
+        if isinstance(kernel, np.ndarray):
+            return kernel + self._identity.astype(kernel.dtype)
+        return kernel + ops.cast(self._identity, kernel.dtype)
+
+    def call(self, inputs):
+        outputs = self.convolution_op(inputs, self.folded_kernel())
+        if self.use_bias:
+            outputs = outputs + ops.cast(self.bias, outputs.dtype)
+        return outputs
+
+    def _operator(self, kernel):
+        return super()._operator(self.folded_kernel(kernel))
+
+    def _guaranteed_norm(self, kernel):
+        return super()._guaranteed_norm(self.folded_kernel(kernel))
+
+    def get_config(self):
+        config = super().get_config()
+        for key in self._FIXED:
+            config.pop(key, None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="gloro")
 class MinMax(keras.layers.Layer):
     """MinMax activation (GroupSort with groups of 2), 1-Lipschitz.
 
@@ -444,6 +546,14 @@ def _max_pooling_bound(layer):
     return lipschitz.max_pooling_bound(layer.pool_size, layer.strides)
 
 
+# How a merge combines the bounds of its inputs (see gloro.graph).
+MERGE_BOUNDS = {
+    keras.layers.Add: lipschitz.sum_bound,
+    keras.layers.Subtract: lipschitz.sum_bound,
+    keras.layers.Average: lipschitz.mean_bound,
+    keras.layers.Concatenate: lipschitz.concatenation_bound,
+}
+
 # The known bounds of Keras' own layers, by class (subclasses included).
 KERAS_LAYER_BOUNDS = {
     keras.layers.InputLayer: lambda layer: 1.0,
@@ -490,7 +600,8 @@ def layer_bound(layer):
     raise ValueError(
         f"Layer '{layer.name}' ({type(layer).__name__}) has no Lipschitz bound "
         f"that gloro knows.{hint} Use the layers of gloro.layers (Dense, "
-        "Conv2D, MinMax, ReLU, Flatten, Reshape, AveragePooling2D, "
-        "MaxPooling2D, InvertibleDownsampling, Scaling), or give your layer "
+        "Conv2D, LiResNetBlock, MinMax, ReLU, Flatten, Reshape, "
+        "AveragePooling2D, MaxPooling2D, InvertibleDownsampling, Scaling, "
+        "and the merges Add, Subtract, Average, Concatenate), or give your layer "
         "a guaranteed_bound() method (see gloro.layers)."
     )

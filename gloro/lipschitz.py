@@ -8,8 +8,9 @@ Two kinds of numbers come out of this module:
   the spectral norm from *below* (`||A v|| <= sigma_max(A)` for every unit
   `v`). Estimates drive training and never certify anything.
 * **Guaranteed bounds** (`dense_bound`, `conv_bound`, `average_pooling_bound`,
-  `max_pooling_bound`, `pairwise_column_distances`): numbers proven to be at
-  least the operator norm on the real input shape. They are computed in NumPy
+  `max_pooling_bound`, `pairwise_column_distances`, and the rules that
+  combine branches: `sum_bound`, `mean_bound`, `concatenation_bound`):
+  numbers proven to be at least the operator norm on the real input shape. They are computed in NumPy
   float64, never in a backend, so every backend certifies with the same
   constants; the results of floating-point algorithms are multiplied by
   `SAFETY_FACTOR` (`inflate`), and `round_up_float32` is the one place where a
@@ -363,6 +364,45 @@ def max_pooling_bound(pool_size, strides):
     if root * root == windows:
         return float(root)
     return math.nextafter(math.sqrt(windows), math.inf)
+
+
+def sum_bound(bounds):
+    """Bound of a sum of branches (`Add`, `Subtract`): the sum of theirs.
+
+    `||sum_b (g_b(x) - g_b(x'))|| <= sum_b L_b ||x - x'||` by the triangle
+    inequality. Works on floats and on scalar tensors alike.
+
+    Args:
+        bounds: the branches' bounds.
+
+    Returns:
+        their sum.
+    """
+    total = bounds[0]
+    for bound in bounds[1:]:
+        total = total + bound
+    return total
+
+
+def mean_bound(bounds):
+    """Bound of the mean of branches (`Average`): the mean of theirs."""
+    return sum_bound(bounds) / len(bounds)
+
+
+def concatenation_bound(bounds):
+    """Bound of branches concatenated along a feature axis.
+
+    The squared norm of a concatenation is the sum of its parts' squared
+    norms, so `sqrt(sum_b L_b**2)` bounds it. Works on floats and on scalar
+    tensors alike.
+
+    Args:
+        bounds: the branches' bounds.
+
+    Returns:
+        `sqrt(sum_b L_b**2)`.
+    """
+    return sum_bound([bound * bound for bound in bounds]) ** 0.5
 
 
 def pairwise_column_distances(kernel):

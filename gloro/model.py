@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gloro import backend, certificates, layers as gloro_layers, lipschitz, losses
+from gloro import backend, certificates, graph, layers as gloro_layers, lipschitz, losses
 from gloro import metrics as gloro_metrics
 from gloro.callbacks import LipschitzRefresh
 
@@ -15,40 +15,6 @@ def _check_epsilon(value):
     if not np.isfinite(value) or value < 0:
         raise ValueError(f"epsilon must be a finite number >= 0, got {value!r}.")
     return float(value)
-
-
-def _chain(model):
-    """The layers of `model` in order, checking that they form a chain."""
-    if isinstance(model, keras.Sequential):
-        chain = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    else:
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ValueError(
-                f"GloroNet needs a model with one input and one output; '{model.name}' "
-                f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs."
-            )
-        chain = []
-        for _, nodes in sorted(model._nodes_by_depth.items(), reverse=True):
-            if len(nodes) != 1 or len(nodes[0].input_tensors) > 1:
-                names = ", ".join(f"'{n.operation.name}'" for n in nodes)
-                raise ValueError(
-                    f"Layer(s) {names} of '{model.name}' are not part of a simple "
-                    "chain (a branch, a residual connection or a merge). GloroNet "
-                    "bounds sequential chains of layers only; for residual "
-                    "networks fold the skip connection into the layer's kernel "
-                    "(LiResNet style) so the model is a chain."
-                )
-            if not isinstance(nodes[0].operation, keras.layers.InputLayer):
-                chain.append(nodes[0].operation)
-    for layer in chain:
-        if isinstance(layer, keras.Model):
-            raise ValueError(
-                f"Layer '{layer.name}' is a nested model; build the network as "
-                "one flat chain of layers for GloroNet."
-            )
-    if not chain:
-        raise ValueError(f"Model '{model.name}' has no layers.")
-    return chain
 
 
 def _to_gloro_layer(layer):
@@ -63,15 +29,12 @@ def _to_gloro_layer(layer):
 def _with_gloro_layers(model):
     """`model` itself if its linear layers cache their norms, else a clone
     whose plain Dense/Conv2D layers are gloro layers with the same weights."""
-    plain = [
-        l for l in _chain(model)
-        if type(l) in (keras.layers.Dense, keras.layers.Conv2D)
-    ]
-    if not plain:
+    if not any(type(l) in (keras.layers.Dense, keras.layers.Conv2D) for l in model.layers):
         return model
     clone = keras.models.clone_model(model, clone_function=_to_gloro_layer)
-    for old, new in zip(_chain(model), _chain(clone)):
-        for old_weight, new_weight in zip(old.weights, new.weights):
+    originals = {l.name: l for l in model.layers}
+    for new in clone.layers:
+        for old_weight, new_weight in zip(originals[new.name].weights, new.weights):
             # A copy: on JAX, sharing the array would let a step that
             # donates the clone's buffers delete the original's weights.
             new_weight.assign(ops.convert_to_numpy(old_weight))
@@ -179,8 +142,10 @@ class GloroNet(_GloroSteps, keras.Model):
     `fit`, `predict`, `evaluate`, `save`, `export`, `certified_radius` and
     `lipschitz_constant` do by themselves.
 
-    The network must be a chain of layers with known bounds (see
-    `gloro.layers`) ending in a linear `Dense` logits layer. Plain Keras
+    The network is any single-input functional graph (or `Sequential`) of
+    layers with known bounds (see `gloro.layers`), whose branches meet in
+    `Add`, `Subtract`, `Average` or `Concatenate` (see `gloro.graph`), ending
+    in a linear `Dense` logits layer on flat features. Plain Keras
     `Dense` / `Conv2D` layers are swapped for the gloro versions, with the same
     weights; `g.f` is the model actually used.
 
@@ -223,15 +188,18 @@ class GloroNet(_GloroSteps, keras.Model):
             raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}.")
         self.power_iterations = power_iterations
         self.f = _with_gloro_layers(model)
-        chain = _chain(self.f)
-        self._hidden, self._head = chain[:-1], chain[-1]
+        self._graph = graph.LipschitzGraph(self.f)
+        self._head = self._graph.head
         self._check_head()
         self.num_classes = self._head.units
-        self._spectral = [l for l in self._hidden if isinstance(l, gloro_layers.SpectralNormCache)]
+        self._spectral = [l for l in self._graph.layers if isinstance(l, gloro_layers.SpectralNormCache)]
         # Fixed for training; freezing asks every layer again.
-        self._static_bound = float(np.prod(
-            [gloro_layers.layer_bound(l) for l in self._hidden if l not in self._spectral]
-        ))
+        self._static_bounds = {
+            id(l): gloro_layers.layer_bound(l) for l in self._graph.layers if l not in self._spectral
+        }
+        # The margin constants and epsilon of the latest forward pass, for a
+        # loss that reads them (EMMA) in the same step; see `compute_loss`.
+        self._forward_margins = None
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
@@ -314,18 +282,29 @@ class GloroNet(_GloroSteps, keras.Model):
         """
         self._check_input(x)
         logits = self.f(x, training=training)
+        epsilon = ops.convert_to_tensor(self._epsilon)
         if training:
-            lipschitz_h = self._static_bound
-            for layer in self._spectral:
-                lipschitz_h = lipschitz_h * layer.power_step(self.power_iterations)
+            lipschitz_h = self._features_bound(lambda layer: layer.power_step(self.power_iterations))
             kernel = ops.cast(self._head.kernel, "float32")
             margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_ops(kernel)
             certify = ops.convert_to_tensor(True)
         else:
             margin_lipschitz = ops.convert_to_tensor(self._margin_lipschitz)
             certify = self._weights_are_certified()
-        return certificates.add_bottom_logit(
-            logits, margin_lipschitz, ops.convert_to_tensor(self._epsilon), certify
+        self._forward_margins = (margin_lipschitz, epsilon)
+        return self._add_bottom_logit(logits, margin_lipschitz, epsilon, certify)
+
+    def _add_bottom_logit(self, logits, margin_lipschitz, epsilon, certify):
+        """The `m + 1` outputs from the logits; subclasses relax the notion
+        of robustness here (see `gloro.relaxations`)."""
+        return certificates.add_bottom_logit(logits, margin_lipschitz, epsilon, certify)
+
+    def _features_bound(self, spectral_value):
+        """Bound of the features (the logits layer's input): the graph's
+        propagation of `spectral_value(layer)` for the power-iterated layers
+        and the fixed bounds of the others."""
+        return self._graph.bound(
+            lambda layer: spectral_value(layer) if layer in self._spectral else self._static_bounds[id(layer)]
         )
 
     def _weights_are_certified(self):
@@ -369,10 +348,8 @@ class GloroNet(_GloroSteps, keras.Model):
             penultimate layer (a lower bound of the layers' product; not used
             to certify).
         """
-        estimate = self._static_bound
-        for layer in self._spectral:
-            estimate *= layer.converge()
-        return estimate
+        converged = {id(layer): layer.converge() for layer in self._spectral}
+        return float(self._features_bound(lambda layer: converged[id(layer)]))
 
     def freeze_lipschitz(self):
         """Converges the estimates, then stores guaranteed margin constants.
@@ -388,8 +365,8 @@ class GloroNet(_GloroSteps, keras.Model):
         # between, the copy disagrees with it and nothing is certified.
         snapshot = [ops.convert_to_numpy(w) for w in self._certified_for]
         self.refresh_lipschitz()
-        bound = float(np.prod([gloro_layers.layer_bound(l) for l in self._hidden]))
-        # Covers the float64 rounding of this product chain itself.
+        bound = float(self._graph.bound(gloro_layers.layer_bound))
+        # Covers the float64 rounding of the propagation itself.
         bound *= lipschitz.SAFETY_FACTOR
         kernel = np.asarray(ops.convert_to_numpy(self._head.kernel), np.float64)
         stored = lipschitz.round_up_float32(bound * lipschitz.pairwise_column_distances(kernel))
@@ -422,7 +399,7 @@ class GloroNet(_GloroSteps, keras.Model):
         """
         self._ensure_frozen()
         rows = []
-        for layer in self._hidden:
+        for layer in self._graph.layers:
             bound = gloro_layers.layer_bound(layer)
             estimate = float(ops.convert_to_numpy(layer.estimate())) if layer in self._spectral else bound
             ratio = bound / estimate if estimate > 0 else float("inf")
@@ -484,9 +461,7 @@ class GloroNet(_GloroSteps, keras.Model):
         return super().metrics_variables + list(getattr(self.loss, "variables", ()))
 
     def _estimate_tensor(self):
-        estimate = ops.convert_to_tensor(self._static_bound, "float32")
-        for layer in self._spectral:
-            estimate = estimate * layer.estimate()
+        estimate = ops.cast(self._features_bound(lambda layer: layer.estimate()), "float32")
         head = ops.cast(self._head.kernel, "float32")
         return estimate * ops.max(lipschitz.pairwise_column_distances_ops(head))
 

@@ -221,7 +221,8 @@ def test_refresh_and_freeze(rng):
 
 
 @pytest.mark.parametrize("build,match", [
-    (lambda x: keras.layers.Add()([layers.Dense(4)(x), x]), "chain"),
+    (lambda x: keras.layers.Add()([layers.Dense(4)(x), x]), "must be a Dense"),
+    (lambda x: layers.Dense(3)(keras.layers.Multiply()([layers.Dense(4)(x), x])), "Multiply"),
     (lambda x: layers.Dense(3, activation="softmax")(x), "softmax"),
     (lambda x: keras.layers.Softmax()(layers.Dense(3)(x)), "Softmax"),
     (lambda x: layers.Dense(3)(keras.layers.BatchNormalization()(x)), "BatchNormalization"),

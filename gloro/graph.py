@@ -1,0 +1,164 @@
+"""Lipschitz bounds of functional Keras graphs.
+
+`LipschitzGraph(model)` reads a single-input, single-output logits model as
+a graph of layers and bounds the Lipschitz constant of its *features* (the
+input of the last `Dense` layer, which gives the logits) by propagating one
+bound per tensor, from the input on:
+
+* the input has bound 1;
+* a layer with one input multiplies its input's bound by its own
+  (`gloro.layers.layer_bound`, or the training-time estimate);
+* a merge combines its inputs' bounds with the rule in
+  `gloro.layers.MERGE_BOUNDS`: `Add` sums them (a weighted sum is an `Add` of
+  `gloro.layers.Scaling` branches, so its weights enter as their absolute
+  values), `Concatenate` takes the square root of the sum of their squares.
+
+A chain is the special case where every node has one input, and its bound is
+the product of the layers' bounds. The propagation takes the per-layer value
+as a function, so the same walk gives the differentiable estimate during
+training (tensors) and the guaranteed bound when freezing (float64).
+
+Example:
+
+```python
+x = keras.Input((8, 8, 4))
+z = gloro.layers.Conv2D(4, 3, padding="same")(x)
+z = gloro.layers.Add()([x, z])                 # residual: 1 + L(conv)
+z = gloro.layers.Flatten()(z)
+y = gloro.layers.Dense(10)(z)
+g = LipschitzGraph(keras.Model(x, y))
+g.bound(gloro.layers.layer_bound)              # bound of x -> z
+```
+"""
+
+import keras
+
+from gloro import layers as gloro_layers
+
+
+def _merge_rule(layer):
+    for cls, rule in gloro_layers.MERGE_BOUNDS.items():
+        if isinstance(layer, cls):
+            return rule
+    return None
+
+
+class LipschitzGraph:
+    """The layers of a logits model, ordered for bound propagation.
+
+    Args:
+        model: a built `keras.Model` (functional or `Sequential`) with one
+            input and one output, whose output layer is a `Dense` layer.
+
+    Attributes:
+        head: the output `Dense` layer (the logits).
+        layers: the layers between the input and the head that have a bound
+            of their own (all but the merges), each after the layers it reads
+            from.
+
+    Raises:
+        ValueError: several inputs or outputs, an unbuilt `Sequential`, a
+            nested model, a layer used at several places, or a layer with
+            several inputs that is not a known merge; the message names the
+            layer.
+    """
+
+    def __init__(self, model):
+        try:
+            inputs, outputs = model.inputs, model.outputs
+        except (AttributeError, ValueError):
+            inputs = outputs = None
+        if not inputs or not outputs:
+            raise ValueError(
+                f"Model '{model.name}' has no defined input; build it on a "
+                "keras.Input (e.g. keras.Sequential([keras.Input(shape), ...]))."
+            )
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(
+                f"GloroNet needs a model with one input and one output; '{model.name}' "
+                f"has {len(inputs)} inputs and {len(outputs)} outputs."
+            )
+        self._model_name = model.name
+        self._input = inputs[0]
+        self._slots = {id(self._input): 0}
+        # Each step: (layer, slots of its inputs, merge rule or None).
+        self._steps = []
+        self._seen = {}
+        head_node = self._node(outputs[0])
+        self.head = head_node.operation
+        if isinstance(self.head, keras.layers.InputLayer):
+            raise ValueError(f"Model '{model.name}' has no layers.")
+        head_inputs = head_node.input_tensors
+        if len(head_inputs) != 1:
+            raise ValueError(
+                f"The last layer '{self.head.name}' ({type(self.head).__name__}) "
+                f"of '{model.name}' must be a Dense layer producing logits."
+            )
+        self._features = self._visit(head_inputs[0])
+        self.layers = [layer for layer, _, rule in self._steps if rule is None]
+
+    def _node(self, tensor):
+        operation, node_index, _ = tensor._keras_history
+        return operation._inbound_nodes[node_index]
+
+    def _visit(self, tensor):
+        """The slot holding `tensor`'s bound, adding the steps it needs."""
+        slot = self._slots.get(id(tensor))
+        if slot is not None:
+            return slot
+        node = self._node(tensor)
+        layer = node.operation
+        if isinstance(layer, keras.layers.InputLayer):
+            raise ValueError(
+                f"Model '{self._model_name}' reads a second input '{layer.name}'; "
+                "GloroNet needs a single-input model."
+            )
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                f"Layer '{layer.name}' of '{self._model_name}' is a nested model; "
+                "build the network as one flat graph of layers for GloroNet."
+            )
+        if id(layer) in self._seen:
+            raise ValueError(
+                f"Layer '{layer.name}' of '{self._model_name}' is used at several "
+                "places in the graph. GloroNet bounds each layer where it is "
+                "used once; use a separate layer for each place."
+            )
+        rule = _merge_rule(layer)
+        sources = node.input_tensors
+        if rule is None and len(sources) != 1:
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) of "
+                f"'{self._model_name}' merges {len(sources)} tensors, and gloro "
+                "knows no Lipschitz bound for that merge. Use "
+                f"{', '.join(c.__name__ for c in gloro_layers.MERGE_BOUNDS)} "
+                "(from gloro.layers)."
+            )
+        input_slots = [self._visit(source) for source in sources]
+        self._seen[id(layer)] = True
+        self._steps.append((layer, input_slots, rule))
+        # Several outputs of one layer share its bound.
+        for output in node.output_tensors:
+            self._slots[id(output)] = len(self._steps)
+        return self._slots[id(tensor)]
+
+    def bound(self, layer_value):
+        """Propagates per-layer bounds to the features.
+
+        Args:
+            layer_value: function of a layer (never a merge, the input or the
+                head) returning its bound, a float or a scalar tensor.
+
+        Returns:
+            the bound of the map from the input to the features, of the type
+            that `layer_value` returns (a float when every value is one).
+        """
+        values = [1.0]
+        for layer, input_slots, rule in self._steps:
+            inputs = [values[slot] for slot in input_slots]
+            if rule is None:
+                values.append(layer_value(layer) * inputs[0])
+            else:
+                values.append(rule(inputs))
+        return values[self._features]
+
