@@ -5,7 +5,7 @@ Labels may be sparse (`(n,)` or `(n, 1)` class indices) or one-hot / soft
 
 `compile` shorthands (see `get`): `"crossentropy"`, `"sparse_crossentropy"`,
 `"trades_kl.<lambda>"`, `"sparse_trades_kl.<lambda>"`, `"trades_ce.<lambda>"`,
-`"sparse_trades_ce.<lambda>"`. The `sparse_` forms are accepted for
+`"sparse_trades_ce.<lambda>"`, `"emma"`, `"sparse_emma"`. The `sparse_` forms are accepted for
 familiarity; both forms read either kind of label.
 
 Keras losses that read their input as probabilities (`from_logits=False`,
@@ -13,6 +13,7 @@ such as `"sparse_categorical_crossentropy"`) are refused: a GloroNet outputs
 logits.
 """
 
+import contextlib
 import inspect
 import re
 
@@ -135,6 +136,74 @@ def _check_lambda(lam):
     return float(lam)
 
 
+# The smallest share of epsilon by which EMMA raises a competing class, so
+# that a class already past the true one still gets pushed back a little.
+EMMA_MIN_SHARE = 0.01
+
+
+@keras.saving.register_keras_serializable(package="gloro")
+class Emma(keras.losses.Loss):
+    """Efficient margin maximisation (EMMA), the loss of LiResNet.
+
+    For the true class `y` and each other class `i`, the logit `f_i` is
+    raised by `s_i * epsilon * K[y, i]`, an adaptive share of the margin that
+    certification needs, with
+    `s_i = stop_gradient(clip((f_y - f_i) / (epsilon * K[y, i]), 0.01, 1))`,
+    and the loss is the cross-entropy of the raised logits with label `y`.
+    Every close class is pushed back at once, each by as much as it threatens
+    `y`, instead of only the one that the ⊥ logit picks (Hu et al., NeurIPS
+    2023). It reads `K` and `epsilon` of the forward pass itself, so it
+    follows `gloro.callbacks.EpsilonScheduler` and the power-iteration
+    estimates during training; `GloroNet.compute_loss` hands them over.
+    Labels may be sparse or one-hot (the argmax is the true class).
+
+    Example:
+
+    ```python
+    g.compile(optimizer="adam", loss="emma")    # = gloro.losses.Emma()
+    ```
+    """
+
+    def __init__(self, name="emma", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._margins = None
+
+    @contextlib.contextmanager
+    def margins(self, margin_lipschitz, epsilon):
+        """Makes the forward pass's constants visible to `call`.
+
+        Args:
+            margin_lipschitz: tensor `(m, m)`, the `K` of the forward pass.
+            epsilon: scalar tensor, its epsilon.
+        """
+        self._margins = (margin_lipschitz, epsilon)
+        try:
+            yield self
+        finally:
+            self._margins = None
+
+    def call(self, y_true, y_pred):
+        if self._margins is None:
+            raise ValueError(
+                "The EMMA loss needs the margin Lipschitz constants of the forward "
+                "pass that gave y_pred; compile it into a GloroNet "
+                "(g.compile(loss='emma')), which provides them."
+            )
+        margin_lipschitz, epsilon = self._margins
+        y_pred = ops.cast(y_pred, "float32")
+        m = _num_classes(y_pred)
+        logits = y_pred[:, :m]
+        labels = sparse_labels(y_true, m)
+        radius = ops.cast(epsilon, "float32") * ops.take(ops.cast(margin_lipschitz, "float32"), labels, axis=0)
+        true = ops.take_along_axis(logits, labels[:, None], axis=1)
+        # K[y, y] = 0, so the true class itself is never raised.
+        positive = radius > 0
+        share = ops.where(positive, (true - logits) / ops.where(positive, radius, 1.0), 1.0)
+        share = ops.stop_gradient(ops.clip(share, EMMA_MIN_SHARE, 1.0))
+        raised = logits + share * radius
+        return _crossentropy(ops.one_hot(labels, m, dtype="float32"), raised)
+
+
 _TRADES = re.compile(r"^(sparse_)?trades_(kl|ce)\.(.+)$")
 
 
@@ -182,6 +251,8 @@ def get(identifier):
     if isinstance(identifier, str):
         if identifier in ("crossentropy", "sparse_crossentropy"):
             return Crossentropy()
+        if identifier in ("emma", "sparse_emma"):
+            return Emma()
         match = _TRADES.match(identifier)
         if identifier.startswith(("trades", "sparse_trades")):
             if not match:

@@ -34,6 +34,8 @@ def _with_gloro_layers(model):
     clone = keras.models.clone_model(model, clone_function=_to_gloro_layer)
     originals = {l.name: l for l in model.layers}
     for new in clone.layers:
+        if isinstance(new, keras.layers.InputLayer):
+            continue
         for old_weight, new_weight in zip(originals[new.name].weights, new.weights):
             # A copy: on JAX, sharing the array would let a step that
             # donates the clone's buffers delete the original's weights.
@@ -197,8 +199,10 @@ class GloroNet(_GloroSteps, keras.Model):
         self._static_bounds = {
             id(l): gloro_layers.layer_bound(l) for l in self._graph.layers if l not in self._spectral
         }
-        # The margin constants and epsilon of the latest forward pass, for a
-        # loss that reads them (EMMA) in the same step; see `compute_loss`.
+        # The margin constants and epsilon of the latest forward pass, which
+        # `compute_loss` hands to a loss that reads them (EMMA) in the same
+        # step and then drops, as `predict_step` does: no later call may see
+        # another trace's tensors.
         self._forward_margins = None
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
@@ -434,8 +438,8 @@ class GloroNet(_GloroSteps, keras.Model):
         Args:
             optimizer: as for Keras.
             loss: a `gloro.losses` shorthand (`"crossentropy"`,
-                `"sparse_crossentropy"`, `"trades_kl.<lambda>"`, ...) or a
-                loss object on logits.
+                `"sparse_crossentropy"`, `"trades_kl.<lambda>"`, `"emma"`,
+                ...) or a loss object on logits.
             metrics: list of `"clean_acc"`, `"vra"`, `"rejection_rate"` or
                 Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
@@ -452,6 +456,25 @@ class GloroNet(_GloroSteps, keras.Model):
         """Recompiles a loaded model (Keras skips this for custom `compile`)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """`keras.Model.compute_loss`; a loss that reads the margin constants
+        (`gloro.losses.Emma`) gets those of the forward pass that gave
+        `y_pred`.
+
+        Raises:
+            ValueError: an EMMA loss with no forward pass before it.
+        """
+        forward, self._forward_margins = self._forward_margins, None
+        if not isinstance(self.loss, losses.Emma):
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if forward is None:
+            raise ValueError(
+                "The EMMA loss reads the margin constants of the forward pass "
+                "that gave y_pred: pass the output of calling the model on x."
+            )
+        with self.loss.margins(*forward):
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
 
     @property
     def metrics_variables(self):
@@ -500,6 +523,11 @@ class GloroNet(_GloroSteps, keras.Model):
         if (isinstance(x, np.ndarray) or ops.is_tensor(x)) and x.shape[0] == 0:
             return np.zeros((0, self.num_classes + 1), np.float32)
         return super().predict(x, *args, **kwargs)
+
+    def predict_step(self, *args, **kwargs):
+        outputs = super().predict_step(*args, **kwargs)
+        self._forward_margins = None
+        return outputs
 
     def predict_on_batch(self, x):
         self._ensure_frozen()

@@ -8,8 +8,6 @@ import pytest
 import gloro
 from gloro import callbacks, layers, schedules
 
-# GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
-# use TensorFlow (issue 9); until then its training tests run on TensorFlow.
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX trainer state")
 
 EPS = "[0.01]-log-[50%:1.1]"

@@ -7,9 +7,6 @@ import pytest
 import gloro
 from gloro import layers, losses
 
-# GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
-# use TensorFlow (issue 9); until then its training tests run on TensorFlow.
-
 
 def log_softmax(z):
     shifted = np.asarray(z, np.float64) - np.max(z, axis=1, keepdims=True)
@@ -173,3 +170,78 @@ def test_gloronet_trains_with_a_from_logits_keras_loss(rng):
     keras_loss = g.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     expected = -log_softmax(g.predict(x, verbose=0))[np.arange(8), y].mean()
     assert keras_loss == pytest.approx(expected, rel=1e-5)
+
+
+def emma_numpy(logits, labels, k, epsilon):
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    rows = np.arange(len(labels))
+    radius = epsilon * np.asarray(k, np.float64)[labels]
+    true = logits[rows, labels][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(radius > 0, np.clip((true - logits) / radius, 0.01, 1.0), 1.0)
+    raised = logits + share * radius
+    return -log_softmax(raised)[rows, labels].mean()
+
+
+def test_emma_against_numpy(rng):
+    logits = rng.normal(size=(8, 5)).astype("float32")
+    labels = rng.integers(0, 4, 8)
+    k = np.abs(rng.normal(size=(4, 4))).astype("float32")
+    k = k + k.T
+    np.fill_diagonal(k, 0.0)
+    # Competitors far behind (share 1), close (share in between), ahead
+    # (share 0.01), and a pair with K = 0.
+    k[0, 1] = k[1, 0] = 0.0
+    emma = losses.get("emma")
+    assert isinstance(emma, losses.Emma) and isinstance(losses.get("sparse_emma"), losses.Emma)
+    for epsilon in (0.0, 0.3, 2.0):
+        with emma.margins(k, np.float32(epsilon)):
+            for y in (labels, labels[:, None], np.eye(4, dtype="float32")[labels]):
+                assert value(emma, y, logits) == pytest.approx(emma_numpy(logits, labels, k, epsilon), rel=1e-5)
+    # With epsilon 0 it is the cross-entropy on the m class logits.
+    clean = -log_softmax(logits[:, :-1])[np.arange(8), labels].mean()
+    with emma.margins(k, np.float32(0.0)):
+        assert value(emma, labels, logits) == pytest.approx(clean, rel=1e-5)
+
+
+def test_emma_shares_carry_no_gradient(rng):
+    # The share is a constant: the gradient with respect to the logits is
+    # that of the cross-entropy of the raised logits.
+    logits = rng.normal(size=(1, 4)).astype("float32")
+    k = np.array([[0, 1.0, 2.0], [1.0, 0, 1.5], [2.0, 1.5, 0]], "float32")
+    emma = losses.Emma()
+
+    def loss_of(z):
+        with emma.margins(k, np.float32(0.5)):
+            return emma(np.array([0]), z)
+
+    _, grad = gloro.backend.value_and_grad(loss_of)(keras.ops.convert_to_tensor(logits))
+    radius = 0.5 * k[0].astype(np.float64)
+    f = logits[0, :3].astype(np.float64)
+    share = np.where(radius > 0, np.clip((f[0] - f) / np.where(radius > 0, radius, 1), 0.01, 1), 1)
+    z = f + share * radius
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    expected = p - np.eye(3)[0]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(grad)[0, :3], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_emma_outside_a_gloronet_explains_itself(rng):
+    with pytest.raises(ValueError, match="compile it into a GloroNet"):
+        losses.Emma()(np.array([0]), np.zeros((1, 3), "float32"))
+
+
+def test_emma_in_a_gloronet_reads_the_forward_pass_constants(rng):
+    x = rng.normal(size=(128, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0)
+    inputs = keras.Input((6,))
+    g = gloro.GloroNet(inputs, layers.Dense(3)(layers.MinMax()(layers.Dense(8)(inputs))), epsilon=0.2)
+    g.compile(optimizer=keras.optimizers.Adam(1e-2), loss="emma", metrics=["vra"])
+    history = g.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for epsilon in (0.2, 0.5):
+        g.epsilon = epsilon
+        loss = g.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+        logits = np.pad(g.f.predict(x, verbose=0), [[0, 0], [0, 1]])
+        assert loss == pytest.approx(emma_numpy(logits, y, g.lipschitz_constant(), epsilon), rel=1e-4)
+    with pytest.raises(ValueError, match="output of calling the model"):
+        g.compute_loss(x[:4], y[:4], g.predict(x[:4], verbose=0))

@@ -10,8 +10,6 @@ import pytest
 import gloro
 from gloro import layers, schedules
 
-# GloroNet trains on JAX once gloro/model.py and gloro/layers.py no longer
-# use TensorFlow (issue 9); until then its training tests run on TensorFlow.
 
 
 def _lin(v0, v1, u):

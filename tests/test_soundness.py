@@ -221,3 +221,32 @@ def test_loading_never_runs_code(tmp_path):
     model.save(tmp_path / "lambda.keras")
     with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
         gloro.load_model(tmp_path / "lambda.keras")
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Debian package dataset-fashion-mnist is not installed")
+def test_liresnet_trained_with_emma_on_fashion_mnist_keeps_every_certificate():
+    from pathlib import Path
+
+    from gloro.data import _read_idx_pair
+
+    folder = Path(FASHION_MNIST)
+    images, labels = _read_idx_pair(folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz")
+    x, y = images[:3000].astype("float32") / 255.0, labels[:3000]
+    inputs = keras.Input((28, 28, 1))
+    z = layers.MinMax()(layers.Conv2D(16, 3, strides=2, padding="same")(inputs))
+    for _ in range(2):
+        z = layers.MinMax()(layers.LiResNetBlock(3)(z))
+    z = layers.MinMax()(layers.Conv2D(32, 4, strides=2, padding="same")(z))
+    g = gloro.GloroNet(inputs, layers.Dense(10)(layers.Flatten()(z)), epsilon=0.3)
+    g.compile(optimizer=keras.optimizers.Adam(2e-3), loss="emma", metrics=["vra"])
+    g.fit(x[:2500], y[:2500], epochs=3, batch_size=125, verbose=0)
+    held_out = x[2500:]
+    out = g.predict(held_out, verbose=0)
+    certified = np.where(np.argmax(out, axis=1) < 10)[0][:120]
+    assert len(certified) >= 40, "too few certified points for a meaningful audit"
+    result = attacks.pgd_l2(g.f, held_out[certified], g.epsilon, steps=40, restarts=3)
+    assert not result.success.any()
+    assert np.median(result.relative_reduction()) > 0.05

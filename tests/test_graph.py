@@ -1,0 +1,221 @@
+"""Bounds of functional graphs and LiResNet blocks, against exact answers."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import gloro
+from gloro import attacks, layers, lipschitz
+from gloro.graph import LipschitzGraph
+
+
+def randomize(g, rng, scale=0.3):
+    """Random weights (LiResNet blocks start at the identity otherwise)."""
+    for weight in g.f.trainable_weights:
+        weight.assign(rng.normal(scale=scale, size=weight.shape).astype("float32"))
+
+
+def jacobian(f, input_shape):
+    """The matrix `(d, m)` of an affine logits model: f(e_k) - f(0)."""
+    d = int(np.prod(input_shape))
+    basis = np.concatenate([np.zeros((1, d)), np.eye(d)]).reshape((d + 1,) + input_shape)
+    out = f.predict(basis.astype("float32"), verbose=0, batch_size=512).astype(np.float64)
+    return out[1:] - out[:1]
+
+
+def exact_margin_norms(j):
+    diff = j[:, :, None] - j[:, None, :]
+    return np.sqrt(np.sum(diff * diff, axis=0))
+
+
+def residual_net(activation=None):
+    x = keras.Input((5, 5, 2))
+    a = layers.Conv2D(2, 3, padding="same")(x)
+    if activation:
+        a = activation()(a)
+    z = layers.Add()([x, a])
+    b = layers.Conv2D(4, 3, strides=2, padding="same")(z)
+    c = layers.Conv2D(2, 2, strides=2, padding="same")(z)
+    if activation:
+        b, c = activation()(b), activation()(c)
+    z = layers.Concatenate()([b, c])
+    z = layers.LiResNetBlock(3)(z)
+    z = layers.Average()([z, layers.Scaling(0.5)(z)])
+    z = layers.Flatten()(z)
+    z = layers.Subtract()([layers.Dense(8)(z), layers.Dense(8)(z)])
+    if activation:
+        z = activation()(z)
+    return x, layers.Dense(4)(z)
+
+
+def concatenating_net():
+    x = keras.Input((6,))
+    z = layers.Concatenate()([layers.Dense(5)(x), layers.Dense(3)(x), x])
+    z = layers.Dense(6)(z)
+    z = layers.Add()([z, layers.Dense(6)(layers.Dense(4)(z))])
+    return x, layers.Dense(3)(z)
+
+
+@pytest.mark.parametrize("build,shape", [(residual_net, (5, 5, 2)), (concatenating_net, (6,))])
+def test_linear_graph_bound_is_at_least_the_exact_margin_norm(build, shape, rng):
+    g = gloro.GloroNet(*build(), epsilon=0.1)
+    randomize(g, rng)
+    exact = exact_margin_norms(jacobian(g.f, shape))
+    k = g.lipschitz_constant()
+    np.testing.assert_array_less(exact * (1 - 1e-5), k + 1e-12)
+    # Not vacuous (products of random layers' norms are loose, but not
+    # by orders of magnitude on these small graphs).
+    assert exact.max() > 0.02 * k.max()
+
+
+def test_concatenation_and_sums_are_tight_where_they_should_be():
+    x = keras.Input((4,))
+    z = layers.Concatenate()([layers.Scaling(3.0)(x), layers.Scaling(4.0)(x)])   # exactly 5
+    z = layers.Add()([layers.Scaling(0.5)(z), layers.Scaling(1.5)(z)])              # exactly 10
+    graph = LipschitzGraph(keras.Model(x, layers.Dense(2)(z)))
+    exact = np.linalg.norm(jacobian(keras.Model(x, z), (4,)), 2)
+    np.testing.assert_allclose(exact, 10.0, rtol=1e-6)
+    assert exact <= graph.bound(layers.layer_bound) <= exact * (1 + 1e-6)
+
+
+def test_nonlinear_graph_bound_holds_at_every_sampled_gradient(rng):
+    g = gloro.GloroNet(*residual_net(layers.MinMax), epsilon=0.1)
+    randomize(g, rng)
+    x = rng.normal(size=(24, 5, 5, 2)).astype("float32")
+    empirical = attacks.empirical_margin_lipschitz(g.f, x, steps=15)
+    k = g.lipschitz_constant()
+    assert np.all(empirical <= k * (1 + 1e-6))
+    assert empirical.max() > 0.05 * k.max()
+
+
+def test_training_estimate_propagates_through_the_graph(rng):
+    g = gloro.GloroNet(*residual_net(layers.MinMax), epsilon=0.1)
+    randomize(g, rng)
+    estimate = g.refresh_lipschitz()
+    bound = g._graph.bound(layers.layer_bound)
+    # The converged estimates of each layer, propagated, are within the
+    # safety margins of the guaranteed bounds propagated the same way.
+    assert estimate <= bound
+    assert estimate > 0.95 * bound
+
+
+def test_residual_graph_trains_saves_and_loads(tmp_path, rng):
+    x = rng.normal(size=(256, 5, 5, 2)).astype("float32")
+    y = (x[..., 0].sum(axis=(1, 2)) > 0).astype("int32")
+    g = gloro.GloroNet(*residual_net(layers.MinMax), epsilon=0.05)
+    g.compile(optimizer=keras.optimizers.Adam(1e-2), loss="crossentropy", metrics=["vra"])
+    g.fit(x, y, epochs=6, batch_size=32, verbose=0)
+    assert g.evaluate(x, y, verbose=0, return_dict=True)["vra"] > 0.5
+    g.save(tmp_path / "g.keras")
+    loaded = gloro.load_model(tmp_path / "g.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), g.predict(x, verbose=0))
+    np.testing.assert_array_equal(loaded.lipschitz_constant(), g.lipschitz_constant())
+
+
+def test_plain_keras_graph_layers_become_gloro_layers(rng):
+    x = keras.Input((6,))
+    a = keras.layers.Dense(6, name="branch")(x)
+    z = keras.layers.Add()([x, a])
+    f = keras.Model(x, keras.layers.Dense(3, name="logits")(z))
+    g = gloro.GloroNet(model=f, epsilon=0.1)
+    assert isinstance(g.f.get_layer("branch"), layers.Dense)
+    inputs = rng.normal(size=(16, 6)).astype("float32")
+    np.testing.assert_allclose(g.f.predict(inputs, verbose=0), f.predict(inputs, verbose=0), rtol=1e-6)
+
+
+def test_graph_refusals_name_the_layer():
+    x = keras.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    z = layers.Add()([shared(x), shared(layers.Dense(4)(x))])
+    with pytest.raises(ValueError, match="'shared'.*several places"):
+        gloro.GloroNet(x, layers.Dense(2)(z), epsilon=0.1)
+
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(4)], name="inner")
+    with pytest.raises(ValueError, match="'inner' .*nested model"):
+        gloro.GloroNet(x, layers.Dense(2)(inner(x)), epsilon=0.1)
+
+    x2 = keras.Input((4,))
+    with pytest.raises(ValueError, match="one input"):
+        gloro.GloroNet([x, x2], layers.Dense(2)(layers.Add()([x, x2])), epsilon=0.1)
+
+    z = layers.Add()([layers.Dense(4)(x), keras.layers.Activation("tanh", name="squash")(x)])
+    with pytest.raises(ValueError, match="'squash'.*tanh"):
+        gloro.GloroNet(x, layers.Dense(2)(z), epsilon=0.1)
+
+    z = keras.layers.Maximum(name="biggest")([layers.Dense(4)(x), x])
+    with pytest.raises(ValueError, match="'biggest' \\(Maximum\\).*Add, Subtract, Average, Concatenate"):
+        gloro.GloroNet(x, layers.Dense(2)(z), epsilon=0.1)
+
+
+def test_unbuilt_sequential_is_refused():
+    with pytest.raises(ValueError, match="keras.Input"):
+        gloro.GloroNet(model=keras.Sequential([layers.Dense(4), layers.Dense(2)]), epsilon=0.1)
+
+
+def test_sequential_chain_is_a_graph():
+    f = keras.Sequential([keras.Input((4,)), layers.Dense(4), layers.MinMax(), layers.Dense(2)])
+    graph = LipschitzGraph(f)
+    assert [type(l).__name__ for l in graph.layers] == ["Dense", "MinMax"]
+    assert graph.head is f.layers[-1]
+
+
+# ------------------------------------------------------------ LiResNet blocks
+
+
+def block_matrix(block, shape):
+    """The block's linear operator (bias removed), materialised `(d, d)`."""
+    d = int(np.prod(shape))
+    basis = np.eye(d, dtype="float32").reshape((d,) + shape)
+    bias = ops.convert_to_numpy(block(np.zeros((1,) + shape, "float32")))
+    out = ops.convert_to_numpy(block(basis)) - bias
+    return out.reshape(d, d).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((5, 5, 3), 3), ((6, 4, 2), (3, 5)), ((24, 24, 4), 3)])
+def test_liresnet_block_bound_is_tight_and_never_below_the_exact_norm(shape, kernel_size, rng):
+    block = layers.LiResNetBlock(kernel_size)
+    block.build((None,) + shape)
+    block.kernel.assign(rng.normal(scale=0.15, size=block.kernel.shape).astype("float32"))
+    block.bias.assign(rng.normal(size=block.bias.shape).astype("float32"))
+    exact = np.linalg.norm(block_matrix(block, shape), 2)
+    bound = block.guaranteed_bound()
+    assert exact <= bound <= 1.05 * exact
+    # Folding the identity is the point: 1 + ||W|| is far looser.
+    w = np.asarray(ops.convert_to_numpy(block.kernel), np.float64)
+    loose = 1 + lipschitz.conv_bound(w, shape, 1, "same", 1)
+    assert bound < 0.9 * loose
+    estimate = block.converge()
+    assert estimate <= bound and estimate > 0.99 * exact
+
+
+def test_liresnet_block_is_the_identity_plus_its_convolution(rng):
+    block = layers.LiResNetBlock(3, use_bias=False)
+    x = rng.normal(size=(2, 5, 5, 3)).astype("float32")
+    np.testing.assert_allclose(ops.convert_to_numpy(block(x)), x, atol=1e-6)
+    kernel = rng.normal(size=block.kernel.shape).astype("float32")
+    block.kernel.assign(kernel)
+    conv = keras.layers.Conv2D(3, 3, padding="same", use_bias=False)
+    conv.build(x.shape)
+    conv.kernel.assign(kernel)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(block(x)), x + ops.convert_to_numpy(conv(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_liresnet_block_config_round_trip(rng):
+    block = layers.LiResNetBlock(5, use_bias=False, name="b")
+    clone = layers.LiResNetBlock.from_config(block.get_config())
+    assert clone.kernel_size == (5, 5) and not clone.use_bias and clone.name == "b"
+    assert "filters" not in block.get_config()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"filters": 8}, "fixes filters"),
+    ({"strides": 2}, "fixes strides"),
+    ({"activation": "relu"}, "MinMax"),
+    ({"kernel_size": 4}, "odd kernel_size"),
+])
+def test_liresnet_block_refuses_what_would_change_its_shape(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        layers.LiResNetBlock(**kwargs)
