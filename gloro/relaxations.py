@@ -17,7 +17,7 @@ certified); see `gloro.certificates.add_relaxed_bottom_logit`. The argmax of
 the output is the top class where some set is certified, ⊥ otherwise; the
 metrics `"rtk_vra"`, `"affinity_vra"` and `"certified_k"` read the set, and
 `gloro.certificates.certified_top_k` gives its size per point. With `k = 1`
-or singleton affinity sets, both are exactly a `GloroNet`.
+or singleton affinity sets, both make exactly a `GloroNet`'s decisions.
 """
 
 import keras
