@@ -19,6 +19,7 @@ g = gloro.GloroNet(x, y, epsilon=0.3)
 from gloro import backend, callbacks, certificates, layers, lipschitz, losses, metrics, schedules
 from gloro.model import GloroNet
 from gloro.saving import load_model, load_saved_model
+from gloro import relaxations
 
 __version__ = "0.2.0"
 
@@ -33,5 +34,6 @@ __all__ = [
     "lipschitz",
     "losses",
     "metrics",
+    "relaxations",
     "schedules",
 ]

@@ -19,6 +19,12 @@ Soundness details:
   the top logit so that `argmax` agrees with the test.
 * Rows with a NaN or inf logit are never certified: their output is `-inf`
   for every class and `+inf` for ⊥.
+
+Relaxed robustness (`add_relaxed_bottom_logit`, Leino & Fredrikson 2021)
+certifies the set `T` of the top-`k'` classes instead of the top class: no
+input within `eps` lifts a class outside `T` above one inside it. The ⊥
+logit then sits between the `k'`-th and `(k'+1)`-th largest logits, so the
+classes strictly above it are exactly the certified set (`certified_top_k`).
 """
 
 import numpy as np
@@ -27,6 +33,15 @@ from keras import ops
 # Far above float32 rounding of one multiply-add (2**-24), far below any
 # margin that matters.
 MARGIN_SLACK = 2.0**-20
+
+
+def _nudge(x):
+    """A step that moves float32 `x` by at least one unit in the last place.
+
+    Not nextafter: CPUs flushing denormals to zero would turn a step above 0
+    back into a tie, which argmax resolves in favour of the class.
+    """
+    return ops.maximum(ops.abs(x) * 2.0**-22, np.finfo(np.float32).tiny)
 
 
 def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
@@ -69,14 +84,153 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
         ops.logical_and(top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)), finite),
         ops.cast(certify, "bool"),
     )
-    # Not nextafter: CPUs flushing denormals to zero would turn the nudge
-    # above 0 back into a tie, which argmax resolves in favour of the class.
-    nudge = ops.maximum(ops.abs(top) * 2.0**-22, np.finfo(np.float32).tiny)
-    rejected_bottom = ops.maximum(bottom, top + nudge)
+    rejected_bottom = ops.maximum(bottom, top + _nudge(top))
     bottom = ops.where(certified, bottom, rejected_bottom)
     bottom = ops.where(finite, bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
     return ops.concatenate([logits, bottom[:, None]], axis=1)
+
+
+def check_relaxation_k(k, num_classes):
+    """Validates the `k` of top-`k` robustness.
+
+    Args:
+        k: the largest certified set size, an int with `1 <= k < num_classes`.
+        num_classes: number of classes `m`.
+
+    Returns:
+        `k` as a Python int.
+
+    Raises:
+        ValueError: `k` is not an int or out of range.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an int, got {k!r} of type {type(k).__name__}.")
+    if not 1 <= k < num_classes:
+        raise ValueError(
+            f"k must satisfy 1 <= k < m = {num_classes} (the number of classes), got "
+            f"k={k}: a top-{num_classes} set holds every class and certifies nothing."
+        )
+    return int(k)
+
+
+def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True, affinity=None):
+    """Appends a ⊥ logit certifying top-`k'` robustness (RTK), `k' <= k`.
+
+    Let `T` be the top-`k'` classes (by index, from a descending sort that
+    puts the lower index first among equal logits). `T` is certified when
+    for every `j` in `T`, with `b_j = max_{i not in T} f_i + epsilon * K[j, i]`,
+    `f_j - b_j > MARGIN_SLACK * (|f_j| + |b_j|)` (the test of
+    `add_bottom_logit`, which `k = 1` reproduces exactly): then no input
+    within `epsilon` lifts a class outside `T` above one inside it. A logit
+    tied across the boundary of `T` never passes, whatever `epsilon`.
+
+    The largest certified `k'` wins, and ⊥ is placed strictly between the
+    `k'`-th and `(k'+1)`-th largest logits, at `f_(k') - min_{j in T} (f_j - b_j)`
+    where that lies in between: the classes above ⊥ are exactly `T`. A point
+    certified at no `k'` gets ⊥ above every class, at
+    `f_(1) - max_k' min_{j in T} (f_j - b_j)`, so training can pull it down.
+
+    Args:
+        logits: float tensor `(n, m)`.
+        margin_lipschitz: float32 tensor `(m, m)`, `K[j, i]` bounds the
+            Lipschitz constant of `f_j - f_i`.
+        epsilon: float32 scalar tensor, the certified radius.
+        k: Python int, the largest set size, `1 <= k < m`.
+        certify: scalar bool tensor; where False nothing is certified.
+        affinity: None (every top-`k'` set counts), or a 0/1 array `(s, m)`
+            whose rows are the admissible sets (affinity robustness): a
+            top-`k'` set is certified only if it equals one of them.
+
+    Returns:
+        float32 tensor `(n, m + 1)`; `certified_top_k` reads the certified
+        `k'` back (0: not certified), `gloro_predictions` the top class or ⊥.
+
+    Raises:
+        ValueError: bad `k` or `affinity` shape.
+
+    Example:
+
+    ```python
+    logits = np.array([[3.0, 2.9, 0.0]], "float32")
+    k = np.ones((3, 3), "float32") - np.eye(3, dtype="float32")
+    out = add_relaxed_bottom_logit(logits, k, 1.0, 2)
+    certified_top_k(out)  # [2]: classes 0 and 1 stay above class 2 within 1.0
+    ```
+    """
+    logits = ops.cast(logits, "float32")
+    margin_lipschitz = ops.cast(margin_lipschitz, "float32")
+    epsilon = ops.cast(epsilon, "float32")
+    m = logits.shape[1]
+    k = check_relaxation_k(k, m)
+    if affinity is not None:
+        affinity = np.asarray(affinity)
+        if affinity.ndim != 2 or affinity.shape[1] != m:
+            raise ValueError(f"affinity must be a 0/1 matrix of shape (s, {m}), got shape {affinity.shape}.")
+        affinity = ops.convert_to_tensor(affinity.astype(bool))
+    # top_k orders equal logits by index, so membership never depends on
+    # comparing logit values.
+    ranked, order = ops.top_k(logits, k + 1)
+    # competitors[:, j, i] = f_i + epsilon * K[j, i], as in add_bottom_logit.
+    competitors = logits[:, None, :] + epsilon * margin_lipschitz[None, :, :]
+    classes = ops.arange(m, dtype="int32")
+    finite = ops.all(ops.isfinite(logits), axis=1)
+    allowed = ops.logical_and(finite, ops.cast(certify, "bool"))
+    in_top = ops.zeros_like(logits, dtype="bool")
+    certified = ops.zeros_like(finite)
+    certified_bottom = ops.zeros_like(ranked[:, 0])
+    best_margin = ops.full_like(ranked[:, 0], -np.inf)
+    for rank in range(k):
+        in_top = ops.logical_or(in_top, ops.equal(classes[None, :], ops.cast(order[:, rank : rank + 1], "int32")))
+        outside = ops.max(ops.where(in_top[:, None, :], -np.inf, competitors), axis=2)
+        margins = logits - outside
+        passes = margins > MARGIN_SLACK * (ops.abs(logits) + ops.abs(outside))
+        ok = ops.logical_and(ops.all(ops.logical_or(passes, ops.logical_not(in_top)), axis=1), allowed)
+        if affinity is not None:
+            matches = ops.all(ops.equal(in_top[:, None, :], affinity[None, :, :]), axis=2)
+            ok = ops.logical_and(ok, ops.any(matches, axis=1))
+        margin = ops.min(ops.where(in_top, margins, np.inf), axis=1)
+        upper, lower = ranked[:, rank], ranked[:, rank + 1]
+        placed = ops.minimum(ops.maximum(upper - margin, lower + _nudge(lower)), upper - _nudge(upper))
+        # For logits near float32's smallest normals the two nudges can
+        # overlap; ⊥ = the (k'+1)-th logit still leaves exactly T above it
+        # (a certified T has upper > lower).
+        placed = ops.maximum(placed, lower)
+        # Ranks grow, so the last certified one is the largest k'.
+        certified_bottom = ops.where(ok, placed, certified_bottom)
+        certified = ops.logical_or(certified, ok)
+        best_margin = ops.maximum(best_margin, margin)
+    top = ranked[:, 0]
+    rejected_bottom = ops.maximum(top - best_margin, top + _nudge(top))
+    bottom = ops.where(certified, certified_bottom, rejected_bottom)
+    bottom = ops.where(finite, bottom, np.inf)
+    logits = ops.where(finite[:, None], logits, -np.inf)
+    return ops.concatenate([logits, bottom[:, None]], axis=1)
+
+
+def certified_top_k(y_pred):
+    """Size of the certified top-`k'` set of each row of a GloRo output.
+
+    The classes whose logit is strictly above ⊥: for an RTK or affinity
+    output (`add_relaxed_bottom_logit`), the certified set; for a plain
+    GloroNet output, the predicted class alone (1) or nothing (0).
+
+    Args:
+        y_pred: tensor `(n, m + 1)`, ⊥ last.
+
+    Returns:
+        int32 tensor `(n,)`; 0 for rejected rows and rows with NaN/inf logits.
+
+    Example:
+
+    ```python
+    certified_top_k(np.array([[3.0, 2.0, 0.0, 1.0]]))  # [2]
+    ```
+    """
+    y_pred = ops.convert_to_tensor(y_pred)
+    above = ops.sum(ops.cast(y_pred[:, :-1] > y_pred[:, -1:], "int32"), axis=1)
+    finite = ops.all(ops.isfinite(y_pred[:, :-1]), axis=1)
+    return ops.where(finite, above, 0)
 
 
 def certified_radius(logits, margin_lipschitz):

@@ -440,8 +440,10 @@ class GloroNet(_GloroSteps, keras.Model):
             loss: a `gloro.losses` shorthand (`"crossentropy"`,
                 `"sparse_crossentropy"`, `"trades_kl.<lambda>"`, `"emma"`,
                 ...) or a loss object on logits.
-            metrics: list of `"clean_acc"`, `"vra"`, `"rejection_rate"` or
-                Keras metrics.
+            metrics: list of `gloro.metrics` shorthands (`"clean_acc"`,
+                `"vra"`, `"rejection_rate"`, and for relaxed robustness
+                `"rtk_vra"`, `"affinity_vra"`, `"certified_k"`) or Keras
+                metrics.
             **kwargs: passed to `keras.Model.compile`.
 
         Raises:
