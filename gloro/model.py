@@ -410,6 +410,22 @@ class GloroNet(_GloroSteps, keras.Model):
             rows.append({"layer": layer.name, "estimate": estimate, "bound": bound, "ratio": ratio})
         return rows
 
+    def features_lipschitz(self):
+        """The whole network's price of the guarantee, where
+        `lipschitz_report` gives each layer's.
+
+        Returns:
+            dict with `estimate` (the converged power-iteration estimates,
+            propagated through the graph like the bounds), `bound` (the
+            guaranteed bounds, propagated) and `ratio` (`bound / estimate`),
+            for the map from the input to the logits layer's input.
+        """
+        self._ensure_frozen()
+        estimate = float(self._features_bound(lambda layer: float(ops.convert_to_numpy(layer.estimate()))))
+        bound = float(self._graph.bound(gloro_layers.layer_bound))
+        ratio = bound / estimate if estimate > 0 else float("inf")
+        return {"estimate": estimate, "bound": bound, "ratio": ratio}
+
     def certified_radius(self, x, batch_size=256):
         """Largest L2 radius at which each prediction is certified.
 

@@ -17,10 +17,16 @@ Reports clean accuracy, verified-robust accuracy (VRA: the GloRo prediction,
 argmax over the classes and ⊥, is the label), the rejection rate (fraction
 predicted ⊥), the throughput of the certification pass, the Lipschitz
 constant, how far its guaranteed bound lies above the power-iteration
-estimate, and certified radii. `--audit N` attacks the first N certified
-points with `gloro.attacks.pgd_l2` at epsilon: an attack that changes a
-certified prediction disproves the certificate, and the script then exits
-with status 1.
+estimate, and certified radii. `--audit N` attacks the first N points
+certified as a single class with `gloro.attacks.pgd_l2` at epsilon: an
+attack that changes a certified prediction disproves the certificate, and
+the script then exits with status 1.
+
+For a relaxed network (`gloro.relaxations.RtkGloroNet`, `AffinityGloroNet`)
+it also reports `rtk_vra` (the label is in the certified set) and the mean
+certified set size; VRA there counts points whose top class is the label and
+some set is certified, and the audit attacks the points whose certified set
+is their top class alone.
 
 Runs on Keras' TensorFlow and JAX backends (`KERAS_BACKEND`); the input
 pipeline is tf.data and needs TensorFlow installed on either.
@@ -55,7 +61,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gloro  # noqa: E402
-from gloro import attacks, certificates, data  # noqa: E402
+from gloro import attacks, certificates, data, relaxations  # noqa: E402
 
 _CURVE_POINTS = 201
 
@@ -96,21 +102,21 @@ def _load(path, epsilon):
 
 
 def _predictions(outputs):
-    """Clean and GloRo predictions, -1 for ⊥ or non-finite logits."""
+    """Clean and GloRo predictions, -1 for ⊥ or non-finite logits, and the
+    size of the certified set (1 or 0 for a GloroNet; up to k for a relaxed
+    one)."""
     m = outputs.shape[1] - 1
     finite = np.all(np.isfinite(outputs[:, :m]), axis=1)
     clean = np.where(finite, np.argmax(outputs[:, :m], axis=1), -1)
     prediction = keras.ops.convert_to_numpy(certificates.gloro_predictions(outputs))
-    return clean, np.where(prediction == m, -1, prediction)
+    set_size = keras.ops.convert_to_numpy(certificates.certified_top_k(outputs))
+    return clean, np.where(prediction == m, -1, prediction), set_size
 
 
 def _lipschitz(g):
-    rows = g.lipschitz_report()
-    estimate = math.prod(row["estimate"] for row in rows)
-    bound = math.prod(row["bound"] for row in rows)
     return {
         "lipschitz_constant": float(np.max(g.lipschitz_constant())),
-        "lipschitz_report": {"estimate": estimate, "bound": bound, "ratio": bound / estimate, "layers": rows},
+        "lipschitz_report": {**g.features_lipschitz(), "layers": g.lipschitz_report()},
     }
 
 
@@ -155,27 +161,33 @@ def _audit(g, x, labels, batch_size, verbose):
 
 def _certify_all(g, batches, num_examples, audit, verbose):
     """One pass over the data: per-example labels, clean and GloRo
-    predictions, radii, the first `audit` certified inputs, and the seconds
-    spent certifying."""
+    predictions, certified set sizes, whether the label is in the certified
+    set, radii, the first `audit` inputs
+    certified as a single class with their classes, and the seconds spent
+    certifying."""
     # Throughput is measured without the one-off tracing of the first call.
     g.predict_on_batch(next(batches.as_numpy_iterator())[0])
     seconds = 0.0
-    labels, clean, prediction, radius, certified_x = [], [], [], [], []
+    labels, clean, prediction, set_size, in_set, radius, certified_x = [], [], [], [], [], [], []
     progress = keras.utils.Progbar(num_examples, verbose=verbose, unit_name="example")
     for x, y in batches.as_numpy_iterator():
         start = time.perf_counter()
         outputs = keras.ops.convert_to_numpy(g.predict_on_batch(x))
         seconds += time.perf_counter() - start
-        batch_clean, batch_prediction = _predictions(outputs)
+        batch_clean, batch_prediction, batch_set_size = _predictions(outputs)
         labels.append(y)
         clean.append(batch_clean)
         prediction.append(batch_prediction)
+        set_size.append(batch_set_size)
+        label_logit = np.take_along_axis(outputs, y.reshape(-1, 1).astype(int), axis=1)[:, 0]
+        in_set.append((label_logit > outputs[:, -1]) & (batch_set_size > 0))
         radius.append(g.certified_radius(x, batch_size=len(x)))
         if sum(map(len, certified_x)) < audit:
-            certified_x.append(x[batch_prediction >= 0])
+            certified_x.append(x[batch_set_size == 1])
         progress.add(len(y))
     certified_x = np.concatenate(certified_x)[:audit] if audit else None
-    return (*(np.concatenate(a) for a in (labels, clean, prediction, radius)), certified_x, seconds)
+    arrays = (labels, clean, prediction, set_size, in_set, radius)
+    return (*(np.concatenate(a) for a in arrays), certified_x, seconds)
 
 
 def _write_examples(path, labels, clean, prediction, radius):
@@ -190,7 +202,7 @@ def _audit_line(report):
     if not report["points"]:
         return "Audit: no certified points to attack."
     return (
-        f"Audit: PGD broke {report['broken']} of {report['points']} certified points; largest margin "
+        f"Audit: PGD broke {report['broken']} of {report['points']} points certified as a single class; largest margin "
         f"reduction {report['max_relative_margin_reduction']:.4f} of the clean margin."
     )
 
@@ -236,10 +248,11 @@ def certify(
     out.mkdir(parents=True, exist_ok=True)
 
     batches = data.pipeline(ds, batch_size, training=False, cache=False)
-    labels, clean, prediction, radius, certified_x, seconds = _certify_all(
+    labels, clean, prediction, set_size, in_set, radius, certified_x, seconds = _certify_all(
         g, batches, info.num_examples, audit, verbose
     )
     correct = clean == labels
+    relaxed = isinstance(g, (relaxations.RtkGloroNet, relaxations.AffinityGloroNet))
     results = {
         "model": str(model),
         "dataset": dataset,
@@ -252,17 +265,22 @@ def certify(
         "certification_seconds": seconds,
         "throughput_examples_per_second": len(labels) / seconds,
         **_lipschitz(g),
+    }
+    if relaxed:
+        # The label is in the certified set: the classes above ⊥.
+        results["rtk_vra"] = float(np.mean(in_set))
+        results["mean_certified_k"] = float(np.mean(set_size))
+    else:
         # Expected 0: a point counts in VRA exactly when its radius exceeds
         # epsilon, except for rounding right at the boundary.
-        "radius_vra_disagreements": int(
+        results["radius_vra_disagreements"] = int(
             np.sum((prediction == labels) != (correct & (radius > g.epsilon)))
-        ),
-    }
+        )
     _write_examples(out / "examples.csv", labels, clean, prediction, radius)
     _radius_curve(correct, radius, g.epsilon, out, f"{dataset} {split}")
     if audit:
         results["audit"] = _audit(
-            g, certified_x, prediction[prediction >= 0][: len(certified_x)], batch_size, verbose
+            g, certified_x, clean[set_size == 1][: len(certified_x)], batch_size, verbose
         )
     (out / "certify.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -275,6 +293,11 @@ def certify(
         f"Lipschitz constant {results['lipschitz_constant']:.4g}; guaranteed bound / power-iteration "
         f"estimate {results['lipschitz_report']['ratio']:.6f}."
     )
+    if relaxed:
+        print(
+            f"Relaxed robustness (k={g.k}): the label is in the certified set for "
+            f"{results['rtk_vra']:.4f}; mean certified set size {results['mean_certified_k']:.4f}."
+        )
     if audit:
         print(_audit_line(results["audit"]))
         if results["audit"]["broken"]:

@@ -183,7 +183,7 @@ def test_certify_measures_what_train_reported(trained, data_dir):
     assert report["audit"]["max_relative_margin_reduction"] < 1
     # Figures are printed rounded, the audit's like the accuracies.
     assert re.search(
-        r"^Audit: PGD broke 0 of 10 certified points; largest margin reduction 0\.\d{4} of the clean "
+        r"^Audit: PGD broke 0 of 10 points certified as a single class; largest margin reduction 0\.\d{4} of the clean "
         r"margin\.$",
         printed.stdout,
         re.MULTILINE,
@@ -278,6 +278,24 @@ def test_killed_training_resumes(data_dir, tmp_path):
 
 
 @functools.cache
+def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
+    g = gloro.load_model(trained / "model.keras")
+    relaxed = gloro.relaxations.RtkGloroNet(model=g.f, epsilon=EPSILON, k=2)
+    relaxed.save(tmp_path / "rtk.keras")
+    results = _load_module(CERTIFY).certify(
+        model=str(tmp_path / "rtk.keras"), dataset="synthetic", data_dir=str(data_dir),
+        out=str(tmp_path / "certified"), audit=10, verbose=0,
+    )
+    ds, _ = data.load("synthetic", "test", data_dir=data_dir)
+    x, y = (np.stack(a) for a in zip(*ds.as_numpy_iterator()))
+    outputs = relaxed.predict(x, verbose=0)
+    in_set = outputs[np.arange(len(y)), y] > outputs[:, -1]
+    assert results["rtk_vra"] == pytest.approx(np.mean(in_set))
+    assert results["rtk_vra"] >= results["vra"]
+    assert results["mean_certified_k"] == pytest.approx(np.mean(gloro.certificates.certified_top_k(outputs)))
+    assert results["audit"]["broken"] == 0 and results["audit"]["points"] > 0
+
+
 def _load_module(script):
     spec = importlib.util.spec_from_file_location(f"_script_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
