@@ -432,6 +432,9 @@ def train(
             _fail(f"--{flag}", f"applies to --architecture liresnet only, not {architecture!r}.")
     if options.get("width", 0) % 2 and activation == "minmax":
         _fail("--width", f"must be even with --activation minmax (it pairs channels), got {width}.")
+    # results.json records the options the network is built with, defaults included.
+    for name in architectures.ARCHITECTURES[architecture]:
+        config[name] = options.get(name, _LIRESNET_DEFAULTS[name])
     epsilon_multipliers = _schedule("--epsilon-schedule", epsilon_schedule)
     lr_multipliers = _schedule("--lr-schedule", lr_schedule)
     trades_multipliers = _schedule("--trades-schedule", trades_schedule)

@@ -52,7 +52,7 @@ def tiny(rng):
 
 @pytest.mark.parametrize(
     "input_shape, depth, width, activation",
-    [((28, 28, 1), 0, 2, "minmax"), ((28, 28, 1), 3, 8, "minmax"), ((32, 32, 3), 2, 6, "relu"), ((9, 7, 2), 1, 3, "relu")],
+    [((12, 12, 1), 0, 2, "minmax"), ((16, 16, 1), 3, 8, "minmax"), ((10, 10, 3), 2, 6, "relu"), ((9, 7, 2), 1, 3, "relu")],
 )
 def test_liresnet_structure(input_shape, depth, width, activation, rng):
     f = architectures.get("liresnet", input_shape, 5, activation=activation, depth=depth, width=width, seed=0)
