@@ -17,6 +17,12 @@ reported:
    whose in-graph weight check is a constant True (target >= 0.95), and the
    Python-side `_ensure_frozen()` per `predict` call.
 
+The networks are the GloRo paper's CNNs and a LiResNet (`--networks
+liresnet`: depth 6, width 32 on 32x32x3 inputs), whose plain counterpart is
+the same residual network written in plain Keras: each block
+`conv(x; I + W) + b` becomes `x + conv(x; W) + b` (a `keras.layers.Conv2D`
+and an `Add`), with the same weights.
+
 Runs on the Keras backend of the process (KERAS_BACKEND=tensorflow or jax);
 both feed tf.data pipelines. The TF allocator figures and the ablations are
 TensorFlow-only.
@@ -27,6 +33,7 @@ Usage (from the repository root):
     python benchmarks/run.py                  # full run, writes benchmarks/results.json
     KERAS_BACKEND=jax python benchmarks/run.py   # writes benchmarks/results_jax.json
     python benchmarks/run.py --ablations      # also: where the time goes (TensorFlow)
+    python benchmarks/run.py --networks liresnet --sections train,memory --out benchmarks/liresnet.json
 
 See BENCHMARKS.md for the method and the latest figures.
 """
@@ -48,16 +55,19 @@ NUM_CLASSES = 10
 TRAIN_BATCH = 256
 CERTIFY_BATCH = 512
 
-# name -> input shape, training examples, certification examples, epsilon.
+# name -> input shape, training examples, certification examples, epsilon,
+# and the options of gloro.architectures.get, if any.
 NETWORKS = {
     "cnn_2C2F": {"input_shape": (28, 28, 1), "train_examples": 60_000, "certify_examples": 10_000, "epsilon": 0.3},
     "cnn_6C2F": {"input_shape": (32, 32, 3), "train_examples": 10_000, "certify_examples": 10_000, "epsilon": 36 / 255},
     "cnn_4C3F": {"input_shape": (28, 28, 1), "train_examples": 60_000, "certify_examples": 10_000, "epsilon": 1.58},
     "cnn_8C2F": {"input_shape": (64, 64, 3), "train_examples": 10_000, "certify_examples": 10_000, "epsilon": 36 / 255},
+    "liresnet": {"input_shape": (32, 32, 3), "train_examples": 1_024, "certify_examples": 1_024, "epsilon": 36 / 255,
+                 "options": {"depth": 6, "width": 32}},
 }
 DEFAULT_NETWORKS = ("cnn_2C2F", "cnn_6C2F")
 QUICK_EXAMPLES = {"cnn_2C2F": (6_144, 2_048), "cnn_6C2F": (768, 1_024),
-                  "cnn_4C3F": (2_048, 2_048), "cnn_8C2F": (512, 1_024)}
+                  "cnn_4C3F": (2_048, 2_048), "cnn_8C2F": (512, 1_024), "liresnet": (512, 512)}
 
 SECTIONS = ("train", "certify", "stale", "memory", "lipschitz", "ablations")
 
@@ -161,20 +171,61 @@ def _setup(args):
     return tf
 
 
+def _architecture(name, seed):
+    """`gloro.architectures.get` for a network of NETWORKS."""
+    from gloro import architectures
+
+    spec = NETWORKS[name]
+    return architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed, **spec.get("options", {}))
+
+
+def _plain_layer(layer):
+    """keras.layers.Dense/Conv2D for the gloro layers (which add norm caches),
+    the layer's own class otherwise; same configuration, new weights."""
+    import keras
+    from gloro import layers as gl
+
+    if type(layer) is gl.Dense:
+        return keras.layers.Dense.from_config(layer.get_config())
+    if type(layer) is gl.Conv2D:
+        return keras.layers.Conv2D.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _plain_residual_copy(model):
+    """A LiResNet chain as the plain residual network a Keras user would
+    write: each `LiResNetBlock` (`conv(x; I + W) + b`) becomes
+    `Add()([x, keras.layers.Conv2D(...)(x)])` with kernel `W` and bias `b`,
+    the other layers as in `_plain_keras_copy`; same weights, so the same
+    function."""
+    import keras
+    from gloro import layers as gl
+
+    inputs = keras.Input(model.input_shape[1:])
+    z = inputs
+    for layer in model.layers[1:]:
+        if isinstance(layer, gl.LiResNetBlock):
+            new = keras.layers.Conv2D(layer.filters, layer.kernel_size, padding="same",
+                                      use_bias=layer.use_bias, name=layer.name)
+            z = keras.layers.Add()([z, new(z)])
+        else:
+            new = _plain_layer(layer)
+            z = new(z)
+        if isinstance(new, (keras.layers.Dense, keras.layers.Conv2D)):
+            assert not isinstance(new, gl.SpectralNormCache)
+            new.kernel.assign(layer.kernel)
+            if new.use_bias:
+                new.bias.assign(layer.bias)
+    return keras.Model(inputs, z, name=f"plain_{model.name}")
+
+
 def _plain_keras_copy(model):
     """The same network with keras.layers.Dense/Conv2D instead of the gloro
     layers (which add norm caches), and the same weights."""
     import keras
     from gloro import layers as gl
 
-    def clone(layer):
-        if type(layer) is gl.Dense:
-            return keras.layers.Dense.from_config(layer.get_config())
-        if type(layer) is gl.Conv2D:
-            return keras.layers.Conv2D.from_config(layer.get_config())
-        return layer.__class__.from_config(layer.get_config())
-
-    plain = keras.models.clone_model(model, clone_function=clone)
+    plain = keras.models.clone_model(model, clone_function=_plain_layer)
     for old, new in zip(model.layers, plain.layers):
         if isinstance(new, (keras.layers.Dense, keras.layers.Conv2D)):
             assert not isinstance(new, gl.SpectralNormCache)
@@ -190,19 +241,18 @@ def build_models(name, seed, baseline, jit, power_iterations=None):
     GloroNet with gloro's "crossentropy" on the m + 1 logits."""
     import keras
     import gloro
-    from gloro import architectures
 
     spec = NETWORKS[name]
-    f_plain = architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed)
+    f_plain = _architecture(name, seed)
     if baseline == "keras":
-        f_plain = _plain_keras_copy(f_plain)
+        f_plain = _plain_residual_copy(f_plain) if name == "liresnet" else _plain_keras_copy(f_plain)
     plain = f_plain
     plain.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit,
     )
-    f = architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed)
+    f = _architecture(name, seed)
     # None keeps GloroNet's own default.
     extra = {} if power_iterations is None else {"power_iterations": power_iterations}
     g = gloro.GloroNet(model=f, epsilon=spec["epsilon"], **extra)
@@ -609,12 +659,11 @@ def bench_lipschitz(g, name, training, repeats, seed, log):
     right after a converged refresh (the guaranteed bounds)."""
     import numpy as np
     import gloro
-    from gloro import architectures
 
     spec = NETWORKS[name]
     fresh_refresh, fresh_freeze, trained_refresh = [], [], []
     for r in range(repeats):
-        f = architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed + 1000 + r)
+        f = _architecture(name, seed + 1000 + r)
         fresh = gloro.GloroNet(model=f, epsilon=spec["epsilon"])
         sample, _ = timed(fresh.refresh_lipschitz)
         fresh_refresh.append(sample)
@@ -663,7 +712,7 @@ def bench_ablations(tf, name, seed, jit, steps, repeats, log):
     import keras
     import numpy as np
     import gloro
-    from gloro import architectures, certificates  # noqa: F401
+    from gloro import certificates  # noqa: F401
 
     spec = NETWORKS[name]
 
@@ -680,7 +729,7 @@ def bench_ablations(tf, name, seed, jit, steps, repeats, log):
         if kind.startswith("plain"):
             return label, plain
         if kind == "constant_bottom":
-            f = architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed)
+            f = _architecture(name, seed)
             g = ConstantBottom(model=f, epsilon=spec["epsilon"])
             g.compile(optimizer=keras.optimizers.Adam(1e-3), loss="crossentropy", jit_compile=jit_v)
         if power_iterations is not None:
@@ -777,11 +826,10 @@ def _freeze_profile(name, seed, log):
     """Times the parts of refresh/freeze on a fresh model by wrapping
     gloro.lipschitz's functions for the duration of the measurement."""
     import gloro
-    from gloro import architectures, lipschitz
+    from gloro import lipschitz
 
     spec = NETWORKS[name]
-    g = gloro.GloroNet(model=architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed + 7),
-                       epsilon=spec["epsilon"])
+    g = gloro.GloroNet(model=_architecture(name, seed + 7), epsilon=spec["epsilon"])
     events = []
     names = ["power_converge", "circular_conv_bound", "conv_matrix", "_matrix_norm", "dense_bound",
              "pairwise_column_distances"]

@@ -5,6 +5,10 @@ Example:
     python scripts/train.py --dataset fashion_mnist --architecture cnn_2C2F \\
         --epsilon 0.3 --epochs 100 --data-dir /usr/share/datasets/fashion-mnist
 
+LiResNet: `--architecture liresnet --depth 12 --width 128` (see
+`gloro.architectures.liresnet`), often with `--loss emma`. `--depth` and
+`--width` apply to `liresnet` only and are refused for other architectures.
+
 Training uses `--epsilon` times `--epsilon-schedule` (by default a
 logarithmic ramp from 1% to 110% of epsilon over the first half of training,
 then held), the learning rate `--lr` times `--lr-schedule` (by default held
@@ -61,6 +65,7 @@ import contextlib
 import csv
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -85,6 +90,10 @@ from gloro import architectures, callbacks, data, losses, schedules  # noqa: E40
 Architecture = Literal[tuple(sorted(architectures.ARCHITECTURES))]
 Activation = Literal[tuple(sorted(architectures.ACTIVATIONS))]
 Augmentation = Literal[data.AUGMENTATIONS]
+# What --depth and --width default to: the LiResNet builder's own defaults.
+_LIRESNET_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(architectures.liresnet).parameters.items()
+}
 Strategy = Literal["none", "mirrored", "multiworker", "data_parallel"]
 
 # The backend each --strategy runs on.
@@ -353,12 +362,29 @@ def train(
         Architecture, typer.Option(help="Network from gloro.architectures.")
     ] = "cnn_2C2F",
     activation: Annotated[Activation, typer.Option(help="Activation between layers.")] = "minmax",
+    depth: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="LiResNet blocks (--architecture liresnet only).",
+            show_default=str(_LIRESNET_DEFAULTS["depth"]),
+        ),
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="LiResNet channels, even for minmax (--architecture liresnet only).",
+            show_default=str(_LIRESNET_DEFAULTS["width"]),
+        ),
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="Certified L2 radius of the final model.")] = 0.3,
     epsilon_schedule: Annotated[
         str, typer.Option(help="Training epsilon as multiples of --epsilon.")
     ] = "[0.01]-log-[50%:1.1]",
     loss: Annotated[
-        str, typer.Option(help="gloro loss: crossentropy, trades_kl.<lambda>, trades_ce.<lambda>.")
+        str,
+        typer.Option(help="gloro loss: crossentropy, emma, trades_kl.<lambda>, trades_ce.<lambda>."),
     ] = "crossentropy",
     trades_schedule: Annotated[
         str, typer.Option(help="TRADES lambda as multiples of the loss's lambda.")
@@ -399,6 +425,16 @@ def train(
         _fail("--epsilon", f"must be a finite number >= 0, got {epsilon}.")
     if not (math.isfinite(lr) and lr > 0):
         _fail("--lr", f"must be a finite number > 0, got {lr}.")
+    # Only given options reach the builder, so its defaults stay the defaults.
+    options = {k: v for k, v in (("depth", depth), ("width", width)) if v is not None}
+    for flag in options:
+        if flag not in architectures.ARCHITECTURES[architecture]:
+            _fail(f"--{flag}", f"applies to --architecture liresnet only, not {architecture!r}.")
+    if options.get("width", 0) % 2 and activation == "minmax":
+        _fail("--width", f"must be even with --activation minmax (it pairs channels), got {width}.")
+    # results.json records the options the network is built with, defaults included.
+    for name in architectures.ARCHITECTURES[architecture]:
+        config[name] = options.get(name, _LIRESNET_DEFAULTS[name])
     epsilon_multipliers = _schedule("--epsilon-schedule", epsilon_schedule)
     lr_multipliers = _schedule("--lr-schedule", lr_schedule)
     trades_multipliers = _schedule("--trades-schedule", trades_schedule)
@@ -426,7 +462,9 @@ def train(
 
     keras.utils.set_random_seed(seed)
     with distribution.scope:
-        f = architectures.get(architecture, info.input_shape, info.num_classes, activation=activation, seed=seed)
+        f = architectures.get(
+            architecture, info.input_shape, info.num_classes, activation=activation, seed=seed, **options
+        )
         g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
         total_steps = epochs * math.ceil(info.num_examples / batch_size)
         learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)

@@ -151,6 +151,20 @@ def test_train_writes_its_outputs(trained, data_dir):
     )
 
 
+def test_train_builds_a_liresnet(data_dir, tmp_path):
+    flags = ["--architecture", "liresnet", "--depth", 1, "--width", 4, "--epochs", 1, "--batch-size", 256]
+    result = CliRunner().invoke(
+        _load_module(TRAIN).app, [*map(str, TRAIN_FLAGS + flags), "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["architecture"] == "liresnet"
+    assert (results["config"]["depth"], results["config"]["width"]) == (1, 4)
+    f = gloro.load_model(tmp_path / "model.keras").f
+    (block,) = [layer for layer in f.layers if isinstance(layer, gloro.layers.LiResNetBlock)]
+    assert block.filters == 4
+
+
 def test_certify_measures_what_train_reported(trained, data_dir):
     out = trained / "certified"
     printed = _run(
@@ -321,6 +335,10 @@ def _load_module(script):
         (["--augmentation", "flip"], "--augmentation"),
         (["--lr", "0"], "--lr"),
         (["--epochs", "0"], "--epochs"),
+        (["--depth", "2"], "--depth"),
+        (["--architecture", "mlp", "--width", "8"], "--width"),
+        (["--architecture", "liresnet", "--width", "5"], "--width"),
+        (["--architecture", "liresnet", "--depth", "-1"], "--depth"),
     ],
 )
 def test_train_rejects_bad_flags(args, flag, tmp_path):
