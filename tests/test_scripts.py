@@ -2,10 +2,11 @@
 synthetic dataset written as gzipped IDX files (the layout of Debian's
 Fashion-MNIST package).
 
-The scripts run in subprocesses. The module runs in the TensorFlow test
+The scripts run in this process through their typer apps, and in
+subprocesses where a test kills one. The module runs in the TensorFlow test
 process only (the suite's time budget has no room for a second pass of these
-end-to-end runs); `test_scripts_run_on_jax` runs the scripts on JAX from
-there."""
+end-to-end runs); `tests/test_scripts_jax.py` runs the scripts in the JAX
+test process."""
 
 import csv
 import functools
@@ -104,10 +105,17 @@ def _test_metrics(model_path, data_dir):
     }
 
 
+def invoke(script, *args):
+    """Runs a script's typer app in this process; returns its output."""
+    result = CliRunner().invoke(_load_module(script).app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    _run(TRAIN, *TRAIN_FLAGS, "--epochs", 2, "--batch-size", 32, "--data-dir", data_dir, "--out", out)
+    invoke(TRAIN, *TRAIN_FLAGS, "--epochs", 2, "--batch-size", 32, "--data-dir", data_dir, "--out", out)
     return out
 
 
@@ -167,7 +175,7 @@ def test_train_builds_a_liresnet(data_dir, tmp_path):
 
 def test_certify_measures_what_train_reported(trained, data_dir):
     out = trained / "certified"
-    printed = _run(
+    printed = invoke(
         CERTIFY,
         "--model",
         trained / "model.keras",
@@ -199,10 +207,10 @@ def test_certify_measures_what_train_reported(trained, data_dir):
     assert re.search(
         r"^Audit: PGD broke 0 of 10 points certified as a single class; largest margin reduction 0\.\d{4} of the clean "
         r"margin\.$",
-        printed.stdout,
+        printed,
         re.MULTILINE,
-    ), printed.stdout
-    assert not re.search(r"\d\.\d{7}", printed.stdout), printed.stdout
+    ), printed
+    assert not re.search(r"\d\.\d{7}", printed), printed
 
     with open(out / "examples.csv", newline="") as file:
         rows = list(csv.DictReader(file))
@@ -291,7 +299,6 @@ def test_killed_training_resumes(data_dir, tmp_path):
     )
 
 
-@functools.cache
 def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
     g = gloro.load_model(trained / "model.keras")
     relaxed = gloro.relaxations.RtkGloroNet(model=g.f, epsilon=EPSILON, k=2)
@@ -310,6 +317,7 @@ def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
     assert results["audit"]["broken"] == 0 and results["audit"]["points"] > 0
 
 
+@functools.cache
 def _load_module(script):
     spec = importlib.util.spec_from_file_location(f"_script_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
@@ -456,7 +464,7 @@ def test_bad_flag_from_the_command_line():
 
 @pytest.mark.parametrize("script", [TRAIN, CERTIFY], ids=["train", "certify"])
 def test_help_lists_every_flag_with_its_default(script):
-    help_text = _run(script, "--help").stdout
+    help_text = invoke(script, "--help")
     entries = {}
     for entry in re.split(r"\n  (?=--)", help_text)[1:]:
         flag, text = entry.split(None, 1)
@@ -470,38 +478,3 @@ def test_help_lists_every_flag_with_its_default(script):
             assert "[default: (" in text, name
         else:
             assert f"default: {parameter.default}" in text, name
-
-
-def test_scripts_run_on_jax(data_dir, tmp_path):
-    env = _env(KERAS_BACKEND="jax")
-    flags = ["--epochs", 1, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path]
-    _run(TRAIN, *TRAIN_FLAGS, *flags, env=env)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["versions"]["keras_backend"] == "jax"
-
-    _run(
-        CERTIFY,
-        "--model",
-        tmp_path / "model.keras",
-        "--dataset",
-        "synthetic",
-        "--data-dir",
-        data_dir,
-        "--audit",
-        5,
-        "--verbose",
-        0,
-        env=env,
-    )
-    report = json.loads((tmp_path / "certify_test" / "certify.json").read_text())
-    for key in ("clean_acc", "vra", "rejection_rate"):
-        assert report[key] == pytest.approx(results["test"][key], abs=1e-6), key
-    assert report["radius_vra_disagreements"] == 0
-    assert report["audit"]["broken"] == 0
-    # Trained on JAX, the model loads on this process's backend and gives
-    # the same results.
-    np.testing.assert_allclose(
-        list(_test_metrics(tmp_path / "model.keras", data_dir).values()),
-        [results["test"][k] for k in ("clean_acc", "vra", "rejection_rate")],
-        atol=1e-6,
-    )

@@ -123,6 +123,8 @@ def test_mixed_precision_bounds_stay_float32_and_sound(policy):
         assert np.all(result.margin > -noise)
 
 
+# The bounds are NumPy, the same on both backends.
+@pytest.mark.tensorflow
 def test_bounds_hold_with_unconverged_power_iteration(rng):
     # One training step moves the weights; the frozen bound is computed from
     # scratch, never from the stale power-iteration vector.
@@ -226,6 +228,9 @@ def test_loading_never_runs_code(tmp_path):
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
+# On TensorFlow only, like the other heavy audits (see AUDITED); EMMA's JAX
+# path is tested in tests/test_losses.py.
+@pytest.mark.tensorflow
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Debian package dataset-fashion-mnist is not installed")
 def test_liresnet_trained_with_emma_on_fashion_mnist_keeps_every_certificate():
     from pathlib import Path
