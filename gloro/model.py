@@ -43,6 +43,11 @@ def _with_gloro_layers(model):
     return clone
 
 
+def _all_equal(tensors, others):
+    """Scalar bool tensor: each tensor equals its counterpart exactly."""
+    return ops.all(ops.stack([ops.all(ops.equal(a, b)) for a, b in zip(tensors, others)]))
+
+
 # Power-iteration steps per layer per training step. The estimate only
 # approaches the norm from below and lags behind the moving weights (by 17%
 # at the end of a 2-epoch run with 1 step, 3-4% with 5 or more); 8 is the
@@ -204,6 +209,7 @@ class GloroNet(_GloroSteps, keras.Model):
         # step and then drops, as `predict_step` does: no later call may see
         # another trace's tensors.
         self._forward_margins = None
+        self._frozen_check = None
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
@@ -314,8 +320,7 @@ class GloroNet(_GloroSteps, keras.Model):
     def _weights_are_certified(self):
         """Scalar bool tensor: every weight equals the copy taken when the
         constants were frozen."""
-        same = [ops.all(ops.equal(w, c)) for w, c in zip(self._certified_for, self._certified_copies)]
-        return ops.all(ops.stack(same))
+        return _all_equal(self._certified_for, self._certified_copies)
 
     def _check_input(self, x):
         expected = tuple(self.f.input_shape[1:])
@@ -342,7 +347,14 @@ class GloroNet(_GloroSteps, keras.Model):
     @property
     def lipschitz_frozen(self):
         """True while inference uses guaranteed bounds for the current weights."""
-        return bool(ops.convert_to_numpy(self._weights_are_certified()))
+        # One compiled call: run eagerly, the comparison would dispatch two
+        # operations per weight, which costs milliseconds per `predict` on a
+        # GPU.
+        if self._frozen_check is None:
+            self._frozen_check = backend.compiled(_all_equal)
+        values = [ops.convert_to_tensor(v) for v in self._certified_for]
+        copies = [ops.convert_to_tensor(v) for v in self._certified_copies]
+        return bool(ops.convert_to_numpy(self._frozen_check(values, copies)))
 
     def refresh_lipschitz(self):
         """Runs every layer's power iteration to convergence.

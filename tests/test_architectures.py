@@ -50,6 +50,8 @@ def tiny(rng):
     return f
 
 
+# Structure and argument checks are the same on every backend: TensorFlow only.
+@pytest.mark.tensorflow
 @pytest.mark.parametrize(
     "input_shape, depth, width, activation",
     [((12, 12, 1), 0, 2, "minmax"), ((16, 16, 1), 3, 8, "minmax"), ((10, 10, 3), 2, 6, "relu"), ((9, 7, 2), 1, 3, "relu")],
@@ -81,6 +83,7 @@ def test_liresnet_structure(input_shape, depth, width, activation, rng):
         np.testing.assert_array_equal(ops.convert_to_numpy(block(x)), x)
 
 
+@pytest.mark.tensorflow
 def test_get_options_and_errors():
     same = [architectures.get("liresnet", INPUT_SHAPE, 3, seed=1), architectures.liresnet(INPUT_SHAPE, 3, seed=1)]
     assert [len(_of_type(f, layers.LiResNetBlock)) for f in same] == [6, 6]
