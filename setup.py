@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="gloro",
-    version="0.2.0",
+    version="0.3.0",
     description="Certified-robust neural networks (GloRo Nets) for Keras 3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -16,20 +16,22 @@ g = gloro.GloroNet(x, y, epsilon=0.3)
 ```
 """
 
-from gloro import backend, callbacks, certificates, layers, lipschitz, losses, metrics, schedules
+from gloro import architectures, backend, callbacks, certificates, graph, layers, lipschitz, losses, metrics, schedules
 from gloro.model import GloroNet
 from gloro.saving import load_model, load_saved_model
-from gloro import relaxations
+from gloro import relaxations  # after GloroNet, which it subclasses
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "GloroNet",
+    "architectures",
     "backend",
     "load_model",
     "load_saved_model",
     "callbacks",
     "certificates",
+    "graph",
     "layers",
     "lipschitz",
     "losses",
