@@ -93,11 +93,12 @@ def test_training_estimate_propagates_through_the_graph(rng):
     g = gloro.GloroNet(*residual_net(layers.MinMax), epsilon=0.1)
     randomize(g, rng)
     estimate = g.refresh_lipschitz()
-    bound = g._graph.bound(layers.layer_bound)
+    summary = g.features_lipschitz()
+    assert summary["estimate"] == pytest.approx(estimate, rel=1e-6)
     # The converged estimates of each layer, propagated, are within the
     # safety margins of the guaranteed bounds propagated the same way.
-    assert estimate <= bound
-    assert estimate > 0.95 * bound
+    assert summary["estimate"] <= summary["bound"] < 1.05 * summary["estimate"]
+    assert summary["ratio"] == pytest.approx(summary["bound"] / summary["estimate"])
 
 
 def test_residual_graph_trains_saves_and_loads(tmp_path, rng):
