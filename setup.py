@@ -20,8 +20,9 @@ setup(
         "tensorboard>=2.16",
     ],
     extras_require={
-        # The test command runs the suite on the JAX backend too.
-        "test": ["pytest>=8", "jax[cpu]>=0.4.30"],
+        # The test command runs the suite on the JAX backend too, each pass
+        # on two processes (pytest-xdist).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "jax[cpu]>=0.4.30"],
         "jax": ["jax>=0.4.30"],
     },
 )
