@@ -342,11 +342,36 @@ def _agree_on_backup(distribute, backup):
 
 
 def _backed_up_epoch(metadata):
-    """The number of epochs a BackupAndRestore metadata file records, 0 if none."""
+    """The number of epochs a BackupAndRestore metadata file records, 0 if
+    none, None if the file cannot be read."""
     try:
         return int(json.loads(metadata.read_text())["epoch"])
     except FileNotFoundError:
         return 0
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _repair_backup(backup):
+    """Falls back to the previous backup when the latest one was cut short.
+
+    Keras' `BackupAndRestore` writes the weights, then the metadata file; a
+    kill while it writes the metadata leaves that file truncated, and Keras
+    then fails to resume (it recovers from unreadable weights only). The
+    previous pair (`<name>.bkp`, kept by `double_checkpoint`) is complete;
+    without one the run starts over.
+    """
+    metadata = backup / "training_metadata.json"
+    if not metadata.exists() or _backed_up_epoch(metadata) is not None:
+        return
+    previous = backup / "training_metadata.json.bkp"
+    if _backed_up_epoch(previous) and (backup / "latest.weights.h5.bkp").exists():
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            os.replace(backup / f"{name}.bkp", backup / name)
+        print(f"The latest backup in {backup} was cut short; resuming from the one before it")
+    else:
+        shutil.rmtree(backup)
+        print(f"The only backup in {backup} was cut short; starting over")
 
 
 def _write_json(path, value):
@@ -475,6 +500,7 @@ def train(
         )
 
     backup = out / "backup"
+    _repair_backup(backup)
     if strategy == "multiworker":
         _agree_on_backup(distribution.strategy, backup)
     if backup.exists():

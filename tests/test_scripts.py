@@ -250,7 +250,10 @@ def test_killed_training_resumes(data_dir, tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "backup" / "training_metadata.json").exists():
+        train = _load_module(TRAIN)
+        # Killed once a backup is complete: a kill while Keras writes it is
+        # test_a_backup_cut_short_falls_back_to_the_previous_one's case.
+        while not train._backed_up_epoch(tmp_path / "backup" / "training_metadata.json"):
             assert process.poll() is None and time.monotonic() < deadline, "no epoch was backed up"
             time.sleep(0.02)
     finally:
@@ -297,6 +300,25 @@ def test_killed_training_resumes(data_dir, tmp_path):
         [results["test"][k] for k in ("clean_acc", "vra", "rejection_rate")],
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_a_backup_cut_short_falls_back_to_the_previous_one(previous, tmp_path, capsys):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"epoch 3")
+    (backup / "training_metadata.json").write_text("")   # killed while Keras wrote it
+    if previous:
+        (backup / "latest.weights.h5.bkp").write_bytes(b"epoch 2")
+        (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
+    _load_module(TRAIN)._repair_backup(backup)
+    if previous:
+        assert (backup / "latest.weights.h5").read_bytes() == b"epoch 2"
+        assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+        assert "resuming from the one before it" in capsys.readouterr().out
+    else:
+        assert not backup.exists()
+        assert "starting over" in capsys.readouterr().out
 
 
 def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
