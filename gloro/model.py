@@ -429,14 +429,16 @@ class GloroNet(_GloroSteps, keras.Model):
         Returns:
             dict with `estimate` (the converged power-iteration estimates,
             propagated through the graph like the bounds), `bound` (the
-            guaranteed bounds, propagated) and `ratio` (`bound / estimate`),
-            for the map from the input to the logits layer's input.
+            guaranteed bounds, propagated), `ratio` (`bound / estimate`),
+            for the map from the input to the logits layer's input, and
+            `layers`, the rows of `lipschitz_report` they come from.
         """
-        self._ensure_frozen()
-        estimate = float(self._features_bound(lambda layer: float(ops.convert_to_numpy(layer.estimate()))))
-        bound = float(self._graph.bound(gloro_layers.layer_bound))
+        rows = self.lipschitz_report()
+        by_layer = {id(layer): row for layer, row in zip(self._graph.layers, rows)}
+        estimate = float(self._graph.bound(lambda layer: by_layer[id(layer)]["estimate"]))
+        bound = float(self._graph.bound(lambda layer: by_layer[id(layer)]["bound"]))
         ratio = bound / estimate if estimate > 0 else float("inf")
-        return {"estimate": estimate, "bound": bound, "ratio": ratio}
+        return {"estimate": estimate, "bound": bound, "ratio": ratio, "layers": rows}
 
     def certified_radius(self, x, batch_size=256):
         """Largest L2 radius at which each prediction is certified.
