@@ -15,6 +15,8 @@ tf = backend.require_tensorflow("SavedModel export")
 ```
 """
 
+import contextlib
+
 import keras
 
 SUPPORTED = ("tensorflow", "jax")
@@ -107,3 +109,42 @@ def require_tensorflow(what):
             "the JAX backend)."
         ) from error
     return tf
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Float32 matrix products and convolutions inside the block.
+
+    On recent NVIDIA GPUs each backend may run float32 products in TF32
+    (10-bit mantissa) by default, which is half precision as far as a
+    certificate is concerned. JAX reads its setting when a function is
+    traced, PyTorch when an operation runs; TensorFlow's switch is
+    process-wide and read when kernels run, so it is turned off for the rest
+    of the process. No effect on CPUs.
+
+    Example:
+
+    ```python
+    with backend.full_precision():
+        logits = model(x)
+    ```
+    """
+    if name() == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+    elif name() == "torch":
+        import torch
+
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    else:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        yield

@@ -18,7 +18,11 @@ Soundness details:
   grant one; the output ⊥ logit is then nudged to sit strictly above or below
   the top logit so that `argmax` agrees with the test.
 * Rows with a NaN or inf logit are never certified: their output is `-inf`
-  for every class and `+inf` for ⊥.
+  for every class and `+inf` for ⊥. A ⊥ logit that comes out NaN (NaN or
+  inf constants, an epsilon that is not finite) is replaced, so that no
+  backend's argmax can skip it; and `gloro_predictions` decides ⊥
+  explicitly rather than trusting an argmax.
+* Nothing is certified at an epsilon that is negative or not finite.
 
 Relaxed robustness (`add_relaxed_bottom_logit`, Leino & Fredrikson 2021)
 certifies the set `T` of the top-`k'` classes instead of the top class: no
@@ -70,6 +74,7 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     logits = ops.cast(logits, "float32")
     margin_lipschitz = ops.cast(margin_lipschitz, "float32")
     epsilon = ops.cast(epsilon, "float32")
+    certify = _certifiable(certify, epsilon)
     top_index = ops.cast(ops.argmax(logits, axis=1), "int32")
     top = ops.max(logits, axis=1)
     k_rows = ops.take(margin_lipschitz, top_index, axis=0)
@@ -82,13 +87,22 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     finite = ops.all(ops.isfinite(logits), axis=1)
     certified = ops.logical_and(
         ops.logical_and(top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)), finite),
-        ops.cast(certify, "bool"),
+        certify,
     )
-    rejected_bottom = ops.maximum(bottom, top + _nudge(top))
+    # Not ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
+    # TensorFlow's argmax then skips.
+    floor = top + _nudge(top)
+    rejected_bottom = ops.where(bottom > floor, bottom, floor)
     bottom = ops.where(certified, bottom, rejected_bottom)
     bottom = ops.where(finite, bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
     return ops.concatenate([logits, bottom[:, None]], axis=1)
+
+
+def _certifiable(certify, epsilon):
+    """`certify`, and False unless epsilon is finite and >= 0."""
+    valid = ops.logical_and(ops.isfinite(epsilon), epsilon >= 0)
+    return ops.logical_and(ops.cast(certify, "bool"), valid)
 
 
 def check_relaxation_k(k, num_classes):
@@ -175,7 +189,7 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
     competitors = logits[:, None, :] + epsilon * margin_lipschitz[None, :, :]
     classes = ops.arange(m, dtype="int32")
     finite = ops.all(ops.isfinite(logits), axis=1)
-    allowed = ops.logical_and(finite, ops.cast(certify, "bool"))
+    allowed = ops.logical_and(finite, _certifiable(certify, epsilon))
     in_top = ops.zeros_like(logits, dtype="bool")
     certified = ops.zeros_like(finite)
     certified_bottom = ops.zeros_like(ranked[:, 0])
@@ -201,7 +215,8 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
         certified = ops.logical_or(certified, ok)
         best_margin = ops.maximum(best_margin, margin)
     top = ranked[:, 0]
-    rejected_bottom = ops.maximum(top - best_margin, top + _nudge(top))
+    floor = top + _nudge(top)
+    rejected_bottom = ops.where(top - best_margin > floor, top - best_margin, floor)
     bottom = ops.where(certified, certified_bottom, rejected_bottom)
     bottom = ops.where(finite, bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
@@ -258,10 +273,12 @@ def certified_radius(logits, margin_lipschitz):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         gaps = top[:, None] - logits - 2 * MARGIN_SLACK * (np.abs(top)[:, None] + np.abs(logits))
         radii = np.where(k_rows > 0, gaps / k_rows, np.where(gaps > 0, np.inf, 0.0))
+        radii = np.where(np.isnan(k_rows), np.nan, radii)
     radii[np.arange(len(logits)), top_index] = np.inf
-    radius = np.maximum(np.min(radii, axis=1), 0.0)
-    finite = np.all(np.isfinite(logits), axis=1)
-    return np.where(finite, radius, 0.0)
+    radius = np.min(radii, axis=1)
+    # NaN constants give NaN radii, which certify nothing.
+    valid = np.all(np.isfinite(logits), axis=1) & ~np.isnan(radius)
+    return np.where(valid, np.maximum(radius, 0.0), 0.0)
 
 
 def gloro_predictions(y_pred):
@@ -281,9 +298,12 @@ def gloro_predictions(y_pred):
     """
     y_pred = ops.convert_to_tensor(y_pred)
     m = ops.shape(y_pred)[1] - 1
-    prediction = ops.cast(ops.argmax(y_pred, axis=1), "int32")
-    finite = ops.all(ops.isfinite(y_pred[:, :-1]), axis=1)
-    return ops.where(finite, prediction, ops.cast(m, "int32"))
+    logits, bottom = y_pred[:, :-1], y_pred[:, -1]
+    prediction = ops.cast(ops.argmax(logits, axis=1), "int32")
+    # Certified only where the top logit is strictly above ⊥: a NaN ⊥, a
+    # tie with ⊥ or a non-finite logit gives ⊥ on every backend.
+    certified = ops.logical_and(ops.max(logits, axis=1) > bottom, ops.all(ops.isfinite(logits), axis=1))
+    return ops.where(certified, prediction, ops.cast(m, "int32"))
 
 
 def _rank(shape):

@@ -13,6 +13,12 @@ bound per tensor, from the input on:
   `gloro.layers.Scaling` branches, so its weights enter as their absolute
   values), `Concatenate` takes the square root of the sum of their squares.
 
+Each layer is checked where it stands: it must be bounded on the shape of
+its input at that node (`gloro.layers.check_layer`), a merge must be one of
+the exact classes of `MERGE_BOUNDS`, and `Add`, `Subtract` and `Average`
+need inputs of one shape (broadcasting copies a tensor, multiplying its
+contribution to the norm), `Concatenate` a feature axis.
+
 A chain is the special case where every node has one input, and its bound is
 the product of the layers' bounds. The propagation takes the per-layer value
 as a function, so the same walk gives the differentiable estimate during
@@ -31,16 +37,88 @@ g.bound(gloro.layers.layer_bound)              # bound of x -> z
 ```
 """
 
+import types
+
 import keras
+import numpy as np
 
 from gloro import layers as gloro_layers
 
+_PLAIN = (bool, int, float, str, type(None), np.generic)
+_CALLABLES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _plain_value(value):
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        return tuple(value)
+    if isinstance(value, _CALLABLES) or isinstance(value, keras.layers.Layer):
+        return ("object", id(value))
+    return None
+
+
+def layer_state(layer):
+    """What a layer computes, beyond its weights' values, as a comparable
+    tuple: its class, its public settings (numbers, strings, functions and
+    layers by identity, such as `activation`, `padding`, `scale`, or a `call`
+    set on the instance), its quantization and LoRA state, and the identity
+    of each of its variables (so a variable added later shows).
+
+    Args:
+        layer: a Keras layer.
+
+    Returns:
+        a tuple that compares equal as long as none of these changed.
+    """
+    settings = tuple(
+        (key, _plain_value(value))
+        for key, value in sorted(vars(layer).items())
+        if not key.startswith("_") and key != "name" and _plain_value(value) is not None
+    )
+    return (
+        type(layer),
+        settings,
+        getattr(layer, "quantization_mode", None),
+        bool(getattr(layer, "lora_enabled", False)),
+        tuple(id(v) for v in layer.weights),
+    )
+
 
 def _merge_rule(layer):
-    for cls, rule in gloro_layers.MERGE_BOUNDS.items():
-        if isinstance(layer, cls):
-            return rule
+    if type(layer) in gloro_layers.MERGE_BOUNDS:
+        return gloro_layers.MERGE_BOUNDS[type(layer)]
+    if isinstance(layer, tuple(gloro_layers.MERGE_BOUNDS)):
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) subclasses a Keras merge; "
+            "gloro bounds only the exact classes "
+            f"{', '.join(c.__name__ for c in gloro_layers.MERGE_BOUNDS)}, since a "
+            "subclass may compute something else."
+        )
     return None
+
+
+def _feature_shape(tensor):
+    return tuple(tensor.shape[1:])
+
+
+def _check_merge(layer, sources, model_name):
+    shapes = [_feature_shape(source) for source in sources]
+    if type(layer) is keras.layers.Concatenate:
+        rank = len(shapes[0]) + 1
+        if layer.axis % rank == 0:
+            raise ValueError(
+                f"Layer '{layer.name}' of '{model_name}' concatenates along the batch "
+                "axis, which mixes examples; concatenate along a feature axis."
+            )
+        return
+    if any(None in shape for shape in shapes) or len(set(shapes)) != 1:
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) of '{model_name}' merges "
+            f"inputs of shapes {shapes}. Broadcasting copies an input, which "
+            "multiplies its share of the Lipschitz bound; gloro needs inputs of "
+            "one fully known shape. Reshape or tile them explicitly."
+        )
 
 
 class LipschitzGraph:
@@ -84,6 +162,7 @@ class LipschitzGraph:
         # Each step: (layer, slots of its inputs, merge rule or None).
         self._steps = []
         self._seen = {}
+        self._input_shapes = {}
         head_node = self._node(outputs[0])
         self.head = head_node.operation
         if isinstance(self.head, keras.layers.InputLayer):
@@ -96,6 +175,7 @@ class LipschitzGraph:
             )
         self._features = self._visit(head_inputs[0])
         self.layers = [layer for layer, _, rule in self._steps if rule is None]
+        self._all_layers = [layer for layer, _, _ in self._steps] + [self.head]
 
     def _node(self, tensor):
         operation, node_index, _ = tensor._keras_history
@@ -134,6 +214,10 @@ class LipschitzGraph:
                 f"{', '.join(c.__name__ for c in gloro_layers.MERGE_BOUNDS)} "
                 "(from gloro.layers)."
             )
+        if rule is None:
+            self._input_shapes[id(layer)] = gloro_layers.check_layer(layer, _feature_shape(sources[0]))
+        else:
+            _check_merge(layer, sources, self._model_name)
         input_slots = [self._visit(source) for source in sources]
         self._seen[id(layer)] = True
         self._steps.append((layer, input_slots, rule))
@@ -141,6 +225,17 @@ class LipschitzGraph:
         for output in node.output_tensors:
             self._slots[id(output)] = len(self._steps)
         return self._slots[id(tensor)]
+
+    def guaranteed_bound(self, layer):
+        """`gloro.layers.layer_bound` of one of `layers`, on the shape of its
+        input in this graph (not the shape it remembers)."""
+        return gloro_layers.layer_bound(layer, self._input_shapes[id(layer)])
+
+    def state(self):
+        """`layer_state` of every layer, the merges and the head included:
+        equal for as long as the network computes the same function of its
+        weights."""
+        return tuple(layer_state(layer) for layer in self._all_layers)
 
     def bound(self, layer_value):
         """Propagates per-layer bounds to the features.

@@ -4,9 +4,24 @@ Every gloro layer answers one question itself: *what is my guaranteed L2
 Lipschitz bound on my input shape?* It is the method `guaranteed_bound()`,
 which returns a float proven to be at least the layer's true constant
 (computed in NumPy float64 by `gloro.lipschitz`, never from an estimate).
-`layer_bound(layer)` asks a layer for it, and looks plain Keras layers
-(`ReLU`, `Flatten`, pooling, ...) up in this module's table; anything else is
-refused with an error naming the layer.
+`layer_bound(layer, input_shape)` asks a layer for it, and looks plain Keras
+layers (`ReLU`, `Flatten`, pooling, ...) up in this module's table; anything
+else is refused with an error naming the layer.
+
+What is accepted is accepted exactly, because each way around it has
+certified a point that was not robust:
+
+* table bounds and gloro's own bounds belong to a class, not its
+  subclasses: a subclass may override `call`, so it needs a
+  `guaranteed_bound()` of its own;
+* activations are recognised by identity (`keras.activations.relu`,
+  `keras.activations.linear`), never by name;
+* a bound holds for one input shape: a layer used on a shape other than the
+  one it was built for is refused, and pooling is bounded on the shape at
+  its place in the graph;
+* a quantized layer or one with LoRA enabled computes with more than its
+  kernel, and is refused;
+* a bound that is not a finite number >= 0 is an error.
 
 `Dense` and `Conv2D` also train with power iteration: they cache, as
 non-trainable weights saved with the model, a power-iteration vector, the
@@ -17,12 +32,13 @@ Branches meet in `Add`, `Subtract`, `Average` or `Concatenate` (Keras' own
 layers, re-exported here); `MERGE_BOUNDS` says how each combines its inputs'
 bounds, and `gloro.graph` propagates them through the model.
 
-Your own layer: give it a `guaranteed_bound(self)` method returning a float
-that is at least its Lipschitz constant on its built input shape (and refuse
-shapes or settings you cannot bound). `GloroNet` then accepts it; the bound
-is recomputed whenever the model's weights change. Layers whose bound
-depends on weights that training moves should subclass `SpectralNormCache`
-as `Dense` and `Conv2D` do, or their bound is held fixed during training.
+Your own layer: define a `guaranteed_bound(self)` method in its class,
+returning a float that is at least its Lipschitz constant on its built input
+shape (and refuse shapes or settings you cannot bound). `GloroNet` then
+accepts it; the bound is recomputed whenever the model's weights change.
+Layers whose bound depends on weights that training moves should subclass
+`SpectralNormCache` as `Dense` and `Conv2D` do, or their bound is held fixed
+during training.
 
 Example:
 
@@ -35,7 +51,7 @@ z = layers.Conv2D(16, 4, strides=2, padding="same")(x)
 z = layers.MinMax()(z)
 z = layers.Flatten()(z)
 y = layers.Dense(10)(z)
-layers.layer_bound(z._keras_history.operation)   # 1.0 (Flatten)
+layers.layer_bound(z._keras_history.operation, (7, 7, 16))   # 1.0 (Flatten)
 ```
 """
 
@@ -56,8 +72,10 @@ AveragePooling2D = keras.layers.AveragePooling2D
 MaxPooling2D = keras.layers.MaxPooling2D
 
 # Activations a layer may apply (the `activation` argument of Dense/Conv2D or
-# a keras.layers.Activation), with their Lipschitz constants.
-ACTIVATION_BOUNDS = {"linear": 1.0, "relu": 1.0}
+# a keras.layers.Activation), with their Lipschitz constants. Recognised by
+# identity: a function of another module that happens to be called "relu"
+# is not this one.
+ACTIVATION_BOUNDS = {keras.activations.linear: 1.0, keras.activations.relu: 1.0}
 
 # Replicas hold identical weights, so each computes the same power-iteration
 # update; keeping the first replica's value keeps the caches in sync under
@@ -75,18 +93,23 @@ def activation_bound(layer):
         float.
 
     Raises:
-        ValueError: gloro does not know the activation's bound.
+        ValueError: the activation is not one of `ACTIVATION_BOUNDS` (the
+            very functions `keras.activations.relu` and `.linear`, which the
+            strings "relu", "linear" and None resolve to).
     """
-    name = keras.activations.serialize(layer.activation)
-    if isinstance(name, dict):
-        name = name.get("config", {}).get("name", name.get("class_name"))
-    if name not in ACTIVATION_BOUNDS:
-        raise ValueError(
-            f"Layer '{layer.name}' uses activation {name!r}, whose Lipschitz "
-            f"bound gloro does not know. Use one of {sorted(ACTIVATION_BOUNDS)}"
-            " (or put a gloro.layers.MinMax layer after it)."
-        )
-    return ACTIVATION_BOUNDS[name]
+    activation = layer.activation
+    try:
+        return ACTIVATION_BOUNDS[activation]
+    except (KeyError, TypeError):
+        pass
+    described = getattr(activation, "__qualname__", None) or type(activation).__name__
+    module = getattr(activation, "__module__", "")
+    raise ValueError(
+        f"Layer '{layer.name}' uses activation {module + '.' if module else ''}"
+        f"{described}, whose Lipschitz bound gloro does not know (gloro "
+        "recognises activations by identity, not by name). Use \"relu\" or "
+        "None (linear), or put a gloro.layers.MinMax layer after it."
+    )
 
 
 class SpectralNormCache:
@@ -212,7 +235,9 @@ class SpectralNormCache:
         kernel = np.asarray(ops.convert_to_numpy(self.kernel), np.float64)
         stored = lipschitz.round_up_float32(self._guaranteed_norm(kernel))
         self.lipschitz_bound.assign(stored)
-        return float(stored) * self._activation_bound
+        # Asked again, not the value cached at build: the activation is an
+        # attribute anyone can reassign.
+        return float(stored) * activation_bound(self)
 
 
 @keras.saving.register_keras_serializable(package="gloro")
@@ -516,13 +541,22 @@ class Scaling(keras.layers.Layer):
 # ------------------------------------------------- plain Keras layers
 
 
-def _relu_bound(layer):
-    if float(layer.negative_slope) > 1.0:
+def _relu_bound(layer, input_shape):
+    # Keras' ReLU jumps by `threshold` at the threshold: not Lipschitz at
+    # all unless it is 0. Clipping at `max_value` keeps it continuous.
+    if float(layer.threshold) != 0.0:
+        raise ValueError(
+            f"Layer '{layer.name}' is a ReLU with threshold={layer.threshold}: it "
+            "jumps at the threshold, so no Lipschitz bound exists. Use threshold=0."
+        )
+    if not 0.0 <= float(layer.negative_slope) <= 1.0:
         raise ValueError(
             f"Layer '{layer.name}' is a ReLU with negative_slope="
-            f"{layer.negative_slope} > 1, which gloro does not bound. Use "
-            "a slope in [0, 1] or gloro.layers.MinMax."
+            f"{layer.negative_slope}, which gloro does not bound. Use a slope "
+            "in [0, 1] or gloro.layers.MinMax."
         )
+    if layer.max_value is not None and not float(layer.max_value) >= 0.0:
+        raise ValueError(f"Layer '{layer.name}' is a ReLU with max_value={layer.max_value}; use None or a value >= 0.")
     return 1.0
 
 
@@ -534,19 +568,32 @@ def _check_channels_last(layer):
         )
 
 
-def _average_pooling_bound(layer):
+def _check_spatial(layer, input_shape):
+    if len(input_shape) != 3 or any(size is None for size in input_shape):
+        raise ValueError(
+            f"Layer '{layer.name}': its Lipschitz bound depends on the input's "
+            f"height and width, but its input shape here is {tuple(input_shape)}. "
+            "Give keras.Input a full shape."
+        )
+
+
+def _average_pooling_bound(layer, input_shape):
     _check_channels_last(layer)
-    return lipschitz.average_pooling_bound(
-        layer.pool_size, layer.strides, layer.padding, tuple(layer.input.shape[1:])
-    )
+    _check_spatial(layer, input_shape)
+    return lipschitz.average_pooling_bound(layer.pool_size, layer.strides, layer.padding, input_shape)
 
 
-def _max_pooling_bound(layer):
+def _max_pooling_bound(layer, input_shape):
     _check_channels_last(layer)
     return lipschitz.max_pooling_bound(layer.pool_size, layer.strides)
 
 
-# How a merge combines the bounds of its inputs (see gloro.graph).
+def _identity_bound(layer, input_shape):
+    return 1.0
+
+
+# How a merge combines the bounds of its inputs (see gloro.graph). Matched by
+# exact class: a subclass may compute something else.
 MERGE_BOUNDS = {
     keras.layers.Add: lipschitz.sum_bound,
     keras.layers.Subtract: lipschitz.sum_bound,
@@ -554,16 +601,22 @@ MERGE_BOUNDS = {
     keras.layers.Concatenate: lipschitz.concatenation_bound,
 }
 
-# The known bounds of Keras' own layers, by class (subclasses included).
+# The known bounds of Keras' own layers, as functions of the layer and its
+# input shape (without the batch axis). Matched by exact class: a subclass
+# may override `call`, and then the table says nothing about it.
 KERAS_LAYER_BOUNDS = {
-    keras.layers.InputLayer: lambda layer: 1.0,
-    keras.layers.Flatten: lambda layer: 1.0,
-    keras.layers.Reshape: lambda layer: 1.0,
+    keras.layers.InputLayer: _identity_bound,
+    keras.layers.Flatten: _identity_bound,
+    keras.layers.Reshape: _identity_bound,
     keras.layers.ReLU: _relu_bound,
-    keras.layers.Activation: activation_bound,
+    keras.layers.Activation: lambda layer, input_shape: activation_bound(layer),
     keras.layers.AveragePooling2D: _average_pooling_bound,
     keras.layers.MaxPooling2D: _max_pooling_bound,
 }
+
+# gloro's own layers whose `guaranteed_bound()` is trusted on their class
+# alone; a subclass is trusted only if it defines `guaranteed_bound` itself.
+GLORO_LAYERS = (Dense, Conv2D, LiResNetBlock, MinMax, InvertibleDownsampling, Scaling)
 
 _REFUSAL_HINTS = {
     keras.layers.BatchNormalization: (
@@ -574,34 +627,156 @@ _REFUSAL_HINTS = {
     keras.layers.Dropout: " Dropout rescales activations during training; remove it.",
 }
 
+_SUPPORTED = (
+    "Use the layers of gloro.layers (Dense, Conv2D, LiResNetBlock, MinMax, "
+    "ReLU, Flatten, Reshape, AveragePooling2D, MaxPooling2D, "
+    "InvertibleDownsampling, Scaling, and the merges Add, Subtract, Average, "
+    "Concatenate), or give your layer a guaranteed_bound() method (see "
+    "gloro.layers)."
+)
 
-def layer_bound(layer):
-    """Guaranteed Lipschitz bound of a built layer on its input shape.
 
-    A gloro layer (or any layer with a `guaranteed_bound()` method) answers
-    itself; Keras' own layers are looked up in `KERAS_LAYER_BOUNDS`.
+def check_weights_are_plain(layer):
+    """Refuses layers whose map is not their float kernel (quantization, LoRA).
+
+    Args:
+        layer: a Keras layer.
+
+    Raises:
+        ValueError: the layer is quantized (its kernel is scaled outside the
+            kernel variable) or has LoRA enabled (its kernel is a sum of
+            variables added after the fact).
+    """
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized ({mode!r}); gloro bounds float "
+            "layers only. Build the GloroNet on the float model, and certify "
+            "with it."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has LoRA enabled; gloro bounds the kernel "
+            "variable alone. Merge the LoRA factors into the kernel (or train "
+            "the kernel itself) and build a new GloroNet."
+        )
+
+
+def _built_shape(layer):
+    shapes = getattr(layer, "_build_shapes_dict", None)
+    if not shapes or len(shapes) != 1:
+        return None
+    shape = next(iter(shapes.values()))
+    return tuple(shape[1:]) if isinstance(shape, (tuple, list)) else None
+
+
+def _trusted_own_bound(layer):
+    cls = type(layer)
+    return cls in GLORO_LAYERS or "guaranteed_bound" in vars(cls)
+
+
+def _check_bound(layer, value):
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) has Lipschitz bound "
+            f"{value}, which is not a finite number >= 0: its weights hold inf "
+            "or NaN, or its guaranteed_bound() is wrong. Nothing can be "
+            "certified with it."
+        )
+    return value
+
+
+def check_layer(layer, input_shape=None):
+    """Refuses a layer whose bound gloro cannot guarantee on `input_shape`.
+
+    Cheap: gloro's own layers are checked without computing their bound.
 
     Args:
         layer: a built Keras layer.
+        input_shape: the shape of the layer's input at its place in the
+            network, without the batch axis; defaults to the shape the layer
+            was built for.
 
     Returns:
-        float.
+        the input shape the bound is for (a tuple, or None where the layer
+        does not record one).
 
     Raises:
-        ValueError: the layer's bound is not known; the message names the
-            layer and says what to use instead.
+        ValueError: as `layer_bound`.
     """
+    check_weights_are_plain(layer)
+    built = _built_shape(layer)
+    input_shape = tuple(input_shape) if input_shape is not None else built
+    if hasattr(layer, "guaranteed_bound") and _trusted_own_bound(layer):
+        if built is not None and input_shape is not None and built != input_shape:
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) was built for inputs "
+                f"of shape {built} but is used on {input_shape} here; its bound "
+                "holds for the shape it was built for. Use a new layer for this "
+                "input shape."
+            )
+        if hasattr(layer, "activation"):
+            activation_bound(layer)
+        return input_shape
+    bound = KERAS_LAYER_BOUNDS.get(type(layer))
+    if bound is not None:
+        if input_shape is None:
+            raise ValueError(f"Layer '{layer.name}' is not built; call it on an input first.")
+        _check_bound(layer, bound(layer, input_shape))
+        return input_shape
     if hasattr(layer, "guaranteed_bound"):
-        return float(layer.guaranteed_bound())
-    for cls, bound in KERAS_LAYER_BOUNDS.items():
-        if isinstance(layer, cls):
-            return float(bound(layer))
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) inherits guaranteed_bound() "
+            "from a class whose call it may have changed. Define guaranteed_bound() "
+            f"in {type(layer).__name__} itself if its bound still holds."
+        )
     hint = next((h for cls, h in _REFUSAL_HINTS.items() if isinstance(layer, cls)), "")
+    inherited = next((cls for cls in KERAS_LAYER_BOUNDS if isinstance(layer, cls)), None)
+    if inherited is not None:
+        hint += (
+            f" It subclasses {inherited.__name__}, but gloro bounds only that "
+            "exact class (a subclass may compute something else); define "
+            "guaranteed_bound() in your class."
+        )
     raise ValueError(
         f"Layer '{layer.name}' ({type(layer).__name__}) has no Lipschitz bound "
-        f"that gloro knows.{hint} Use the layers of gloro.layers (Dense, "
-        "Conv2D, LiResNetBlock, MinMax, ReLU, Flatten, Reshape, "
-        "AveragePooling2D, MaxPooling2D, InvertibleDownsampling, Scaling, "
-        "and the merges Add, Subtract, Average, Concatenate), or give your layer "
-        "a guaranteed_bound() method (see gloro.layers)."
+        f"that gloro knows.{hint} {_SUPPORTED}"
     )
+
+
+def layer_bound(layer, input_shape=None):
+    """Guaranteed Lipschitz bound of a built layer on an input shape.
+
+    A gloro layer (or a layer whose own class defines `guaranteed_bound()`)
+    answers itself, on the shape it was built for, which must be
+    `input_shape`; Keras' own layers of the exact classes in
+    `KERAS_LAYER_BOUNDS` are bounded on `input_shape`. Anything else is
+    refused.
+
+    Args:
+        layer: a built Keras layer.
+        input_shape: the shape of the layer's input at its place in the
+            network, without the batch axis; defaults to the shape the layer
+            was built for.
+
+    Returns:
+        float, finite and >= 0.
+
+    Raises:
+        ValueError: the layer's bound is not known, does not cover this
+            input shape, or is not a finite number >= 0; the message names
+            the layer and says what to use instead.
+
+    Example:
+
+    ```python
+    layer_bound(keras.layers.AveragePooling2D(2), (8, 8, 3))   # 0.5
+    ```
+    """
+    input_shape = check_layer(layer, input_shape)
+    bound = KERAS_LAYER_BOUNDS.get(type(layer))
+    if bound is not None and not _trusted_own_bound(layer):
+        return _check_bound(layer, bound(layer, input_shape))
+    # The class's method, not an attribute set on the instance.
+    return _check_bound(layer, type(layer).guaranteed_bound(layer))

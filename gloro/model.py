@@ -1,5 +1,7 @@
 """`GloroNet`: a Keras model that certifies its own predictions."""
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -12,8 +14,9 @@ from gloro.callbacks import LipschitzRefresh
 def _check_epsilon(value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"epsilon must be a number, got {value!r} of type {type(value).__name__}.")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {value!r}.")
+    # Certificates are computed in float32, where 1e39 is already inf.
+    if not np.isfinite(value) or value < 0 or value > np.finfo(np.float32).max:
+        raise ValueError(f"epsilon must be a number >= 0 that is finite in float32, got {value!r}.")
     return float(value)
 
 
@@ -41,6 +44,39 @@ def _with_gloro_layers(model):
             # donates the clone's buffers delete the original's weights.
             new_weight.assign(ops.convert_to_numpy(old_weight))
     return clone
+
+
+def _check_input_dtype(model):
+    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    if dtype not in ("float32", "float64"):
+        raise ValueError(
+            f"Model '{model.name}' takes {dtype} inputs. Rounding its inputs to "
+            f"{dtype} makes the network a step function of the real input, which "
+            "a bound on its Lipschitz constant does not cover: use a float32 "
+            "keras.Input (the default) and cast inside the model if needed."
+        )
+
+
+@contextlib.contextmanager
+def _full_precision(model):
+    """Runs `model` in float32 with full-precision products, whatever its
+    layers' dtype policies: certificates from half-precision logits are not
+    sound (gloro-method.md, "Precision"). Policies are read when a call is
+    traced, so compiled inference keeps float32 while training keeps the
+    user's policy."""
+    switched = [
+        (layer, layer.dtype_policy)
+        for layer in [model] + model.layers
+        if layer.compute_dtype not in ("float32", "float64")
+    ]
+    for layer, _ in switched:
+        layer.dtype_policy = "float32"
+    try:
+        with backend.full_precision():
+            yield
+    finally:
+        for layer, policy in switched:
+            layer.dtype_policy = policy
 
 
 def _all_equal(tensors, others):
@@ -194,16 +230,25 @@ class GloroNet(_GloroSteps, keras.Model):
         if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 1:
             raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}.")
         self.power_iterations = power_iterations
+        # Before cloning: a quantized layer's config does not even clone on
+        # every backend.
+        for layer in model.layers:
+            gloro_layers.check_weights_are_plain(layer)
         self.f = _with_gloro_layers(model)
         self._graph = graph.LipschitzGraph(self.f)
+        _check_input_dtype(self.f)
         self._head = self._graph.head
         self._check_head()
         self.num_classes = self._head.units
         self._spectral = [l for l in self._graph.layers if isinstance(l, gloro_layers.SpectralNormCache)]
         # Fixed for training; freezing asks every layer again.
         self._static_bounds = {
-            id(l): gloro_layers.layer_bound(l) for l in self._graph.layers if l not in self._spectral
+            id(l): self._graph.guaranteed_bound(l) for l in self._graph.layers if l not in self._spectral
         }
+        # What the network computes besides its weights' values; any change
+        # (a new variable, an activation, a padding) is refused, see
+        # `_check_structure`.
+        self._structure = self._graph.state()
         # The margin constants and epsilon of the latest forward pass, which
         # `compute_loss` hands to a loss that reads them (EMMA) in the same
         # step and then drops, as `predict_step` does: no later call may see
@@ -220,7 +265,9 @@ class GloroNet(_GloroSteps, keras.Model):
             name="margin_lipschitz",
         )
         caches = {id(v) for l in self._spectral + [self._head] for v in getattr(l, "cache_variables", [])}
-        self._certified_for = [v for v in self.f.weights if id(v) not in caches]
+        # The constants themselves are compared too: a direct assignment to
+        # them is a change like any other.
+        self._certified_for = [v for v in self.f.weights if id(v) not in caches] + [self._margin_lipschitz]
         # Nothing certifies before the first freeze: weights equal to these
         # copies would all be infinite, the logits layer's kernel included,
         # so every logit would be inf or NaN, which never certifies. (Not NaN:
@@ -238,16 +285,18 @@ class GloroNet(_GloroSteps, keras.Model):
 
     def _check_head(self):
         head = self._head
-        if not isinstance(head, keras.layers.Dense):
+        if type(head) not in (gloro_layers.Dense, keras.layers.Dense):
             hint = ""
             if isinstance(head, (keras.layers.Softmax, keras.layers.Activation)):
                 hint = " Remove the final activation: GloroNet needs logits (a softmax does not change the prediction)."
             raise ValueError(
                 f"The last layer '{head.name}' ({type(head).__name__}) must be a "
-                f"Dense layer producing logits.{hint}"
+                "Dense layer producing logits (exactly gloro.layers.Dense or "
+                f"keras.layers.Dense: a subclass may compute something else).{hint}"
             )
-        activation = keras.activations.serialize(head.activation)
-        if activation != "linear":
+        gloro_layers.check_weights_are_plain(head)
+        if head.activation is not keras.activations.linear:
+            activation = getattr(head.activation, "__qualname__", type(head.activation).__name__)
             raise ValueError(
                 f"The last layer '{head.name}' has activation {activation!r}; "
                 "GloroNet needs linear logits (activation=None). Remove the "
@@ -291,7 +340,12 @@ class GloroNet(_GloroSteps, keras.Model):
             float32 tensor `(n, m + 1)`; the last column is ⊥.
         """
         self._check_input(x)
-        logits = self.f(x, training=training)
+        self._check_structure()
+        if training:
+            logits = self.f(x, training=True)
+        else:
+            with _full_precision(self.f):
+                logits = self.f(x, training=False)
         epsilon = ops.convert_to_tensor(self._epsilon)
         if training:
             lipschitz_h = self._features_bound(lambda layer: layer.power_step(self.power_iterations))
@@ -315,6 +369,28 @@ class GloroNet(_GloroSteps, keras.Model):
         and the fixed bounds of the others."""
         return self._graph.bound(
             lambda layer: spectral_value(layer) if layer in self._spectral else self._static_bounds[id(layer)]
+        )
+
+    def _check_structure(self):
+        """Refuses to go on once the network computes something other than
+        what it did when this GloroNet was built.
+
+        Raises:
+            ValueError: a layer gained or lost a variable (LoRA,
+                quantization) or changed a setting (activation, padding,
+                scale, ...); the message names it.
+        """
+        current = self._graph.state()
+        if current == self._structure:
+            return
+        changed = next(
+            layer.name for layer, now, then in zip(self._graph._all_layers, current, self._structure) if now != then
+        )
+        raise ValueError(
+            f"Layer '{changed}' of GloroNet '{self.name}' changed after the GloroNet "
+            "was built (a setting, LoRA, quantization or a new variable), so its "
+            "Lipschitz bound no longer covers it. Build a new GloroNet on the "
+            "changed model."
         )
 
     def _weights_are_certified(self):
@@ -377,21 +453,55 @@ class GloroNet(_GloroSteps, keras.Model):
         Returns:
             numpy `(m, m)`, the frozen `K[j, i]`.
         """
+        self._check_structure()
         # Copied before the bounds are computed: should a weight change in
         # between, the copy disagrees with it and nothing is certified.
-        snapshot = [ops.convert_to_numpy(w) for w in self._certified_for]
+        snapshot = [ops.convert_to_numpy(w) for w in self._certified_for[:-1]]
         self.refresh_lipschitz()
-        bound = float(self._graph.bound(gloro_layers.layer_bound))
+        bound = float(self._graph.bound(self._graph.guaranteed_bound))
         # Covers the float64 rounding of the propagation itself.
         bound *= lipschitz.SAFETY_FACTOR
         kernel = np.asarray(ops.convert_to_numpy(self._head.kernel), np.float64)
-        stored = lipschitz.round_up_float32(bound * lipschitz.pairwise_column_distances(kernel))
+        with np.errstate(invalid="ignore", over="ignore"):
+            stored = lipschitz.round_up_float32(bound * lipschitz.pairwise_column_distances(kernel))
+        if not np.all(np.isfinite(stored)):
+            raise ValueError(
+                f"The logits layer '{self._head.name}' of GloroNet '{self.name}' "
+                "holds inf or NaN weights (or the network's bound overflows "
+                "float32): nothing can be certified. Retrain from finite weights."
+            )
         self._margin_lipschitz.assign(stored)
-        for copy, value in zip(self._certified_copies, snapshot):
+        for copy, value in zip(self._certified_copies, snapshot + [stored]):
             copy.assign(value)
         return stored
 
+    def _forget_constants(self):
+        """Marks the constants as unproven: stored constants (from a file,
+        `set_weights`, `load_weights`) are claims, so nothing certifies
+        until they are recomputed from the weights, which the next
+        `predict`, `evaluate`, `save`, ... does by itself."""
+        for copy in self._certified_copies:
+            copy.assign(np.full(copy.shape, np.inf, keras.backend.standardize_dtype(copy.dtype)))
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self._forget_constants()
+
+    def set_weights(self, weights):
+        """`keras.Model.set_weights`; the constants are recomputed before the
+        next certificate, never taken from `weights`."""
+        super().set_weights(weights)
+        self._forget_constants()
+
+    def load_weights(self, *args, **kwargs):
+        """`keras.Model.load_weights`; the constants are recomputed before
+        the next certificate, never taken from the file."""
+        result = super().load_weights(*args, **kwargs)
+        self._forget_constants()
+        return result
+
     def _ensure_frozen(self):
+        self._check_structure()
         if not self.lipschitz_frozen:
             self.freeze_lipschitz()
 
@@ -416,7 +526,7 @@ class GloroNet(_GloroSteps, keras.Model):
         self._ensure_frozen()
         rows = []
         for layer in self._graph.layers:
-            bound = gloro_layers.layer_bound(layer)
+            bound = self._graph.guaranteed_bound(layer)
             estimate = float(ops.convert_to_numpy(layer.estimate())) if layer in self._spectral else bound
             ratio = bound / estimate if estimate > 0 else float("inf")
             rows.append({"layer": layer.name, "estimate": estimate, "bound": bound, "ratio": ratio})
@@ -457,7 +567,9 @@ class GloroNet(_GloroSteps, keras.Model):
         if len(x) == 0:
             logits = np.zeros((0, self.num_classes), np.float32)
         else:
-            logits = self.f.predict(x, batch_size=batch_size, verbose=0)
+            # The GloroNet's own forward pass: float32 logits whatever the
+            # dtype policy (rows it cannot certify come back non-finite).
+            logits = self.predict(x, batch_size=batch_size, verbose=0)[:, : self.num_classes]
         return certificates.certified_radius(logits, margin_lipschitz)
 
     # ----------------------------------------- Keras API with soundness

@@ -2,10 +2,15 @@
 
 `keras.models.load_model` already restores a `GloroNet` from a `.keras` file
 (with `gloro` imported) in Keras' safe mode, which never runs code from the
-file. `load_model` adds what a certifier needs on top: a clear `ValueError`
-for a missing, truncated, corrupted or unrelated file, and a check that the
-stored Lipschitz constants are at least what the stored weights prove, so a
-tampered file cannot certify more than its weights allow.
+file. Whichever way a GloroNet's variables arrive (this module, Keras'
+loader, `set_weights`, `load_weights`), its stored Lipschitz constants are
+treated as claims: nothing is certified until they are recomputed from the
+weights and the graph (the graph rebuilt from the file's config, with every
+layer bounded on the shape at its node, so an edited `build_config` cannot
+shrink a bound). `load_model` adds what a certifier needs on top: a clear
+`ValueError` for a missing, truncated, corrupted or unrelated file, a stored
+epsilon that is not a valid radius, or stored constants below what the
+weights prove (a file that was edited).
 """
 
 import os
@@ -23,16 +28,19 @@ def load_model(path, verify=True):
 
     Args:
         path: path of a `.keras` file.
-        verify: recompute the guaranteed constants from the weights and
-            refuse the file if its stored constants are lower.
+        verify: recompute the guaranteed constants now and refuse the file
+            if its stored constants are lower; with False, they are
+            recomputed before the first certificate instead, and a file
+            with lowered constants is not noticed (but is not trusted).
 
     Returns:
         the `GloroNet`, ready to predict and certify.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable `.keras` GloroNet, or its
-            constants are lower than its weights prove.
+        ValueError: the file is not a readable `.keras` GloroNet, its
+            stored epsilon is negative or not finite, or its constants are
+            lower than its weights prove.
 
     Example:
 
@@ -61,19 +69,22 @@ def load_model(path, verify=True):
 
 
 def _verify_constants(model, path):
+    epsilon = model.epsilon
+    if not (np.isfinite(np.float32(epsilon)) and epsilon >= 0):
+        raise ValueError(
+            f"{path!r} stores epsilon {epsilon}, which is not a finite radius >= 0; "
+            "the file is corrupted or was edited."
+        )
     stored = ops.convert_to_numpy(model._margin_lipschitz).copy()
-    was_frozen = model.lipschitz_frozen
     proven = model.freeze_lipschitz()
-    if was_frozen:
-        # Same weights, same computation: equal up to float64 rounding in
-        # the SVD/FFT, which the safety factor dwarfs.
-        if np.any(stored < proven * (1 - 1e-6)):
-            raise ValueError(
-                f"{path!r} stores Lipschitz constants below what its weights "
-                "prove; the file is corrupted or was edited. Refusing to "
-                "certify with it."
-            )
-        model._margin_lipschitz.assign(np.maximum(stored, proven))
+    # Same weights, same computation: equal up to float64 rounding in the
+    # SVD/FFT, which the safety factor dwarfs.
+    if np.any(stored < proven * (1 - 1e-6)):
+        raise ValueError(
+            f"{path!r} stores Lipschitz constants below what its weights "
+            "prove; the file is corrupted or was edited. Refusing to "
+            "certify with it."
+        )
 
 
 def load_saved_model(path):
