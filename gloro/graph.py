@@ -44,16 +44,25 @@ import numpy as np
 
 from gloro import layers as gloro_layers
 
-_PLAIN = (bool, int, float, str, type(None), np.generic)
-_CALLABLES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+_PLAIN = {bool, int, float, str, type(None)}
+_CALLABLES = {types.FunctionType, types.BuiltinFunctionType, types.MethodType}
 
 
 def _plain_value(value):
-    if isinstance(value, _PLAIN):
+    """A layer attribute's value as something comparable, or None for the
+    attributes that cannot change the map (variables, initializers, ...).
+    Exact type tests: this runs on every call, and `isinstance` on Keras
+    variables is slow."""
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
-        return tuple(value)
-    if isinstance(value, _CALLABLES) or isinstance(value, keras.layers.Layer):
+    if kind in (tuple, list):
+        return tuple(value) if all(type(v) in _PLAIN for v in value) else None
+    if kind in _CALLABLES:
+        return ("object", id(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, keras.layers.Layer):
         return ("object", id(value))
     return None
 
@@ -71,17 +80,21 @@ def layer_state(layer):
     Returns:
         a tuple that compares equal as long as none of these changed.
     """
-    settings = tuple(
-        (key, _plain_value(value))
-        for key, value in sorted(vars(layer).items())
-        if not key.startswith("_") and key != "name" and _plain_value(value) is not None
-    )
+    settings = []
+    for key, value in vars(layer).items():
+        if key[0] != "_" and key != "name":
+            plain = _plain_value(value)
+            # Attributes holding None or other objects cannot change the map
+            # (Keras adds some during export); a value that becomes None
+            # still shows, as a missing key.
+            if plain is not None:
+                settings.append((key, plain))
     return (
         type(layer),
-        settings,
+        tuple(settings),
         getattr(layer, "quantization_mode", None),
         bool(getattr(layer, "lora_enabled", False)),
-        tuple(id(v) for v in layer.weights),
+        tuple(id(v) for v in layer._trainable_variables + layer._non_trainable_variables),
     )
 
 
