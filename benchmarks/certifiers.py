@@ -1,0 +1,311 @@
+"""What certification costs: GloRo against bound propagation (IBP, KW,
+CROWN, CROWN-IBP) and randomized smoothing, on the same networks, points and
+L2 radius (issue 19).
+
+For each network, every method certifies test points of the network GloRo
+trained and of the network trained for that method (IBP, CROWN-IBP, Gaussian
+noise for smoothing), and every method's training is timed on the same
+network and data. Slow methods are measured on a subset and extrapolated to
+the 10,000-point test set; each row says how many points it measured.
+
+    pip install -r benchmarks/requirements-certifiers.txt
+    python benchmarks/certifiers.py            # writes benchmarks/certifiers.json
+    python benchmarks/certifiers.py --quick    # a few minutes, smaller subsets
+
+Networks: `cnn_2C2F` on Fashion-MNIST at radius 0.3 (trained here, on the
+real data) and `cnn_6C2F` on CIFAR-10 shapes at 36/255 (synthetic inputs and
+labels, untrained weights: a cost figure only, no certified accuracy).
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Annotated
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# TensorFlow keeps CPU memory statistics (reporting.measure) only with it.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import typer  # noqa: E402
+
+import gloro  # noqa: E402
+from benchmarks import _subset, bounds, certified_training, reporting, smoothing  # noqa: E402
+
+TEST_SET = 10_000
+PAPER = "Leino et al. 2021, Table 2 (CIFAR-10, 6C2F, one GPU)"
+# The GloRo paper's cost table: (train s/epoch, train MB/instance,
+# certify s for the test set, certify MB/instance).
+PAPER_FIGURES = {
+    "gloro": (6.9, 3.6, 0.4, 1.8),
+    "kw": (516.8, 100.9, 2500.0, 1400.0),
+    "bcp": (47.5, 12.7, 5.8, 19.1),
+    "smoothing": (None, None, 36800.0, 19.8),
+}
+IMPLEMENTATION = {
+    "gloro": f"gloro {gloro.__version__}: GloroNet.predict",
+    "gloro_radius": f"gloro {gloro.__version__}: GloroNet.certified_radius",
+    "ibp": "benchmarks/bounds.py (keras.ops), native MinMax",
+    "crown_ibp": "benchmarks/bounds.py (keras.ops), MinMax as relu",
+    "kw": "benchmarks/bounds.py (keras.ops), MinMax as relu",
+    "crown": "benchmarks/bounds.py (keras.ops), MinMax as relu",
+    "smoothing": "benchmarks/smoothing.py (keras.ops + SciPy)",
+    "noise": "keras GaussianNoise + Adam",
+}
+# Which training each certifier has of its own.
+OWN_TRAINING = {"ibp": "ibp", "crown_ibp": "crown_ibp", "smoothing": "noise", "kw": "kw", "crown": "crown_ibp"}
+
+
+@dataclasses.dataclass
+class Setting:
+    """One network of the comparison and how much of each method to run."""
+
+    network: str
+    dataset: str
+    input_shape: tuple
+    radius: float
+    sigma: float  # the smoothing noise Cohen et al. pair with this radius
+    train_examples: int  # examples per epoch of the real dataset
+    real_data: bool
+    epochs: int  # training epochs (real data) or timed epochs (synthetic)
+    train_subset: int  # examples each epoch runs here
+    points: dict  # method -> test points to certify
+    smoothing_samples: int = smoothing.N  # n of CERTIFY actually drawn
+    kw_train: tuple = None  # (examples, batch) of KW training, None: skip
+    batch: int = 256
+
+
+def settings(quick):
+    """The two networks, sized for a full run (~25 min on 2 CPU cores) or a
+    quick one."""
+    if quick:
+        small = dict(gloro=1000, gloro_radius=1000, ibp=1000, crown_ibp=200, kw=4, crown=4, smoothing=1)
+        wide = dict(gloro=256, gloro_radius=256, ibp=256, crown_ibp=32, kw=1, crown=1, smoothing=1)
+        return [
+            Setting("cnn_2C2F", "fashion_mnist", (28, 28, 1), 0.3, 0.25, 60_000, True, 1, 4096, small,
+                    smoothing_samples=10_000, kw_train=(16, 8)),
+            Setting("cnn_6C2F", "cifar10 shapes (synthetic)", (32, 32, 3), 36 / 255, 0.12, 50_000, False, 2, 256, wide,
+                    smoothing_samples=1_000),
+        ]
+    small = dict(gloro=10_000, gloro_radius=10_000, ibp=10_000, crown_ibp=2_000, kw=50, crown=50, smoothing=5)
+    wide = dict(gloro=2_000, gloro_radius=2_000, ibp=2_000, crown_ibp=256, kw=1, crown=1, smoothing=1)
+    return [
+        Setting("cnn_2C2F", "fashion_mnist", (28, 28, 1), 0.3, 0.25, 60_000, True, 3, 60_000, small,
+                kw_train=(32, 8)),
+        Setting("cnn_6C2F", "cifar10 shapes (synthetic)", (32, 32, 3), 36 / 255, 0.12, 50_000, False, 2, 512, wide,
+                smoothing_samples=5_000),
+    ]
+
+
+def certify(method, model, x, radius, sigma, smoothing_samples=smoothing.N, gloro_net=None):
+    """Certifies `x` with one method on the logits model `model`.
+
+    Args:
+        method: `"gloro"`, `"gloro_radius"`, `"smoothing"` or one of
+            `bounds.METHODS`.
+        model: the logits model.
+        x: numpy inputs.
+        radius: the L2 radius.
+        sigma: the noise of smoothing.
+        smoothing_samples: CERTIFY's n.
+        gloro_net: the `GloroNet` to use for GloRo (default: one built on
+            `model` with its constants frozen before timing starts).
+
+    Returns:
+        `(predictions, certified)`, numpy `(n,)` int and bool; a prediction
+        of -1 is an abstention.
+    """
+    num_classes = model.output_shape[-1]
+    if method in ("gloro", "gloro_radius"):
+        g = gloro_net if gloro_net is not None else gloro.GloroNet(model=model, epsilon=radius)
+        g.epsilon = radius
+        if method == "gloro":
+            out = g.predict(x, batch_size=512, verbose=0)
+            pred = out.argmax(axis=1)
+            return np.where(pred < num_classes, pred, -1), pred < num_classes
+        logits = g.f.predict(x, batch_size=512, verbose=0)
+        return logits.argmax(axis=1), g.certified_radius(x, batch_size=512) > radius
+    if method == "smoothing":
+        # About 40 MB of noisy inputs per forward pass.
+        batch = max(100, min(10_000, 10_000_000 // int(np.prod(x.shape[1:]))))
+        return smoothing.certify(model, x, sigma, radius, num_classes, n=smoothing_samples, batch_size=batch)
+    return bounds.certify(method, model, x, radius, batch_size=1 if method in ("kw", "crown") else 256)
+
+
+def _points_at_once(method, points):
+    """How many points a method holds in memory together."""
+    if method in ("kw", "crown", "smoothing"):
+        return 1
+    return min(points, 512 if method.startswith("gloro") else 256)
+
+
+def certify_row(setting, method, model, trained_for, x, y, gloro_net=None):
+    """Certifies `x` with `method` and returns the result row, timed and
+    extrapolated to the test set."""
+    samples = setting.smoothing_samples
+    if method.startswith("gloro"):
+        g = gloro_net if gloro_net is not None else gloro.GloroNet(model=model, epsilon=setting.radius)
+        g.freeze_lipschitz()  # once per network, not per test set
+        g.predict(x[:8], verbose=0)  # traces predict outside the timing
+        gloro_net = g
+    (pred, certified), seconds, peak = reporting.measure(
+        lambda: certify(method, model, x, setting.radius, setting.sigma, samples, gloro_net)
+    )
+    scale = TEST_SET / len(x)
+    if method == "smoothing":
+        scale *= (smoothing.N0 + smoothing.N) / (smoothing.N0 + samples)
+    return {
+        "task": "certify",
+        "method": method,
+        "implementation": IMPLEMENTATION[method],
+        "network": setting.network,
+        "trained_for": trained_for,
+        "dataset": setting.dataset,
+        "device": "cpu",
+        "radius": setting.radius,
+        "sigma": setting.sigma if method == "smoothing" else None,
+        "points_measured": len(x),
+        "smoothing_samples": samples if method == "smoothing" else None,
+        "seconds_measured": seconds,
+        "seconds_test_set": seconds * scale,
+        "extrapolated": bool(scale != 1),
+        "mb_per_instance": peak / _points_at_once(method, len(x)),
+        # Meaningless on synthetic labels; valid only when smoothing drew
+        # its full n (fewer samples give smaller radii).
+        "certified_accuracy": (
+            float(np.mean(certified & (pred == y)))
+            if setting.real_data and (method != "smoothing" or samples == smoothing.N) else None
+        ),
+        "certified_fraction": float(np.mean(certified)),
+    }
+
+
+class _EpochClock(_subset.EpochClock, keras.callbacks.Callback):
+    pass
+
+
+def train_row(setting, method, model, x, y, epochs, batch):
+    """Trains `model` for `method` and returns the cost row, with seconds per
+    epoch scaled to the dataset's training set."""
+    trainer = certified_training.trainer(method, model, setting.radius, setting.sigma)
+    clock = _EpochClock()
+    _, seconds, peak = reporting.measure(
+        lambda: trainer.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, callbacks=[clock])
+    )
+    # The first epoch traces the step; later ones are the steady cost.
+    steady = clock.wall[1:] or clock.wall
+    return trainer, {
+        "task": "train",
+        "method": method,
+        "implementation": IMPLEMENTATION.get(method, "benchmarks/certified_training.py (keras.ops)"),
+        "network": setting.network,
+        "dataset": setting.dataset,
+        "device": "cpu",
+        "radius": setting.radius,
+        "sigma": setting.sigma if method == "noise" else None,
+        "points_measured": len(x),
+        "epochs": epochs,
+        "batch_size": batch,
+        "seconds_measured": seconds,
+        "seconds_per_epoch": _subset.median(steady) * setting.train_examples / len(x),
+        "extrapolated": len(x) != setting.train_examples,
+        "mb_per_instance": peak / batch,
+        "certified_accuracy": None,
+    }
+
+
+def _data(setting, quick):
+    if setting.real_data:
+        n_test = max(setting.points.values())
+        x_train, y_train, x_test, y_test = _subset.load(
+            train_examples=setting.train_subset, test_examples=n_test
+        )
+        return x_train, y_train, x_test, y_test
+    rng = np.random.default_rng(0)
+    n_test = max(setting.points.values())
+    x_train = rng.random((setting.train_subset,) + setting.input_shape, dtype=np.float32)
+    x_test = rng.random((n_test,) + setting.input_shape, dtype=np.float32)
+    return x_train, rng.integers(0, 10, len(x_train)), x_test, rng.integers(0, 10, n_test)
+
+
+def run_setting(setting, quick, log=print):
+    """All rows of one network: training costs, then every certifier on the
+    GloRo network and on each method's own network."""
+    x_train, y_train, x_test, y_test = _data(setting, quick)
+    build = lambda: gloro.architectures.get(setting.network, setting.input_shape, 10, seed=0)  # noqa: E731
+    rows, models = [], {}
+    for method in ("gloro", "ibp", "crown_ibp", "noise"):
+        log(f"{setting.network}: training for {method}")
+        trainer, row = train_row(setting, method, build(), x_train, y_train, setting.epochs, setting.batch)
+        rows.append(row)
+        models[method] = trainer
+    if setting.kw_train:
+        n, batch = setting.kw_train
+        log(f"{setting.network}: KW training, {n} examples")
+        rows.append(train_row(setting, "kw", build(), x_train[:n], y_train[:n], 2, batch)[1])
+    plan = [(m, "gloro") for m in ("gloro", "gloro_radius", "ibp", "crown_ibp", "kw", "crown", "smoothing")]
+    plan += [("ibp", "ibp"), ("crown_ibp", "crown_ibp"), ("kw", "ibp"), ("crown", "crown_ibp"), ("smoothing", "noise")]
+    progress = keras.utils.Progbar(len(plan))
+    for method, trained_for in plan:
+        k = setting.points[method]
+        trainer = models[trained_for]
+        logits_model = trainer.f if hasattr(trainer, "f") else trainer.layers[-1]
+        row = certify_row(
+            setting, method, logits_model, trained_for, x_test[:k], y_test[:k],
+            gloro_net=trainer if trained_for == "gloro" else None,
+        )
+        rows.append(row)
+        progress.add(1, values=[("s", row["seconds_measured"])])
+    return rows
+
+
+def paper_columns(rows):
+    """Adds the paper's figure for the same method and task, as its own
+    keys, where the paper has one (it measured CIFAR-10 on a GPU)."""
+    for row in rows:
+        figures = PAPER_FIGURES.get(row["method"])
+        if figures is None:
+            row["paper_value"] = None
+            continue
+        if row["task"] == "train":
+            row["paper_value"], row["paper_mb_per_instance"] = figures[0], figures[1]
+        else:
+            row["paper_value"], row["paper_mb_per_instance"] = figures[2], figures[3]
+        row["paper_source"] = PAPER
+    return rows
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    quick: Annotated[bool, typer.Option(help="Smaller subsets and 1 training epoch: a few minutes.")] = False,
+    out: Annotated[str, typer.Option(help="JSON file to write.")] = None,
+    networks: Annotated[str, typer.Option(help="Comma-separated: cnn_2C2F, cnn_6C2F.")] = "cnn_2C2F,cnn_6C2F",
+):
+    """Times and memory of GloRo, IBP, KW, CROWN, CROWN-IBP and randomized
+    smoothing: training and certification."""
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "certifiers_quick.json" if quick else "certifiers.json")
+    start = time.perf_counter()
+    wanted = networks.split(",")
+    rows = []
+    for setting in settings(quick):
+        if setting.network in wanted:
+            rows += run_setting(setting, quick)
+    reporting.write(
+        out,
+        paper_columns(rows),
+        command="python benchmarks/certifiers.py" + (" --quick" if quick else ""),
+        seconds=time.perf_counter() - start,
+        memory=reporting.memory_method(),
+        test_set=TEST_SET,
+        versions={"keras": keras.__version__, "numpy": np.__version__, "gloro": gloro.__version__},
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()
