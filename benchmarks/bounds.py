@@ -191,6 +191,11 @@ def _ibp_hidden(steps, shapes, x, eps):
     return boxes
 
 
+def hidden_units(steps, shapes):
+    """The number of ReLUs (MinMax pairs) at each MinMax step, in order."""
+    return [int(np.prod(shapes[k])) // 2 for k, (kind, _) in enumerate(steps) if kind == "minmax"]
+
+
 def _relu_slopes(lower, upper, rule):
     """Relaxation of `relu(d)` for `lower <= d <= upper`: the upper line
     `s d + t` and the lower line `alpha d`."""
@@ -254,30 +259,24 @@ def _pair_difference_rows(shape, start, stop):
     return ops.convert_to_tensor(rows.reshape((stop - start,) + tuple(shape)))
 
 
-def _hidden_bounds(steps, shapes, x, eps, k, relaxations, chunk):
+def _hidden_bounds(steps, shapes, x, eps, k, relaxations, chunk, count):
     """Lower and upper bounds of `d = a - b` at MinMax step k by linear
-    propagation, `chunk` rows (hidden units, each bounded below and above)
-    at a time."""
-    shape = shapes[k]
-    pairs = int(np.prod(shape)) // 2
-    batch = ops.shape(x)[0]
+    propagation, for the first `count` hidden units, `chunk` units (each
+    bounded below and above) per backward pass."""
     lowers, uppers = [], []
-    for start in range(0, pairs, chunk):
-        rows = _pair_difference_rows(shape, start, min(start + chunk, pairs))
+    for start in range(0, count, chunk):
+        rows = _pair_difference_rows(shapes[k], start, min(start + chunk, count))
         both = ops.concatenate([rows, -rows], axis=0)
-        lam = ops.broadcast_to(both[None], (batch,) + tuple(both.shape))
+        lam = ops.broadcast_to(both[None], (ops.shape(x)[0],) + tuple(both.shape))
         a, c = _backward(steps, shapes, lam, k, relaxations)
         bound = _concretise(a, c, x, eps)
         n = rows.shape[0]
         lowers.append(bound[:, :n])
         uppers.append(-bound[:, n:])
-    pair_shape = tuple(shape[:-1]) + (shape[-1] // 2,)
-    lower = ops.reshape(ops.concatenate(lowers, axis=1), (batch,) + pair_shape)
-    upper = ops.reshape(ops.concatenate(uppers, axis=1), (batch,) + pair_shape)
-    return lower, upper
+    return ops.concatenate(lowers, axis=1), ops.concatenate(uppers, axis=1)
 
 
-def linear_bounds(steps, shapes, x, eps, labels, rule="crown", hidden="linear", chunk=4096):
+def linear_bounds(steps, shapes, x, eps, labels, rule="crown", hidden="linear", chunk=4096, fraction=1.0):
     """Lower bounds of the margins `f_y - f_i` by backward linear propagation.
 
     Args:
@@ -289,38 +288,52 @@ def linear_bounds(steps, shapes, x, eps, labels, rule="crown", hidden="linear", 
         hidden: `"linear"` bounds every hidden unit by the same backward
             propagation (KW, CROWN); `"ibp"` takes them from IBP (CROWN-IBP).
         chunk: hidden units bounded per backward pass (memory vs. calls).
+        fraction: with `hidden="linear"`, the share of each layer's hidden
+            units bounded by linear propagation; the others keep their
+            (looser, still sound) IBP bounds. Below 1 it measures the cost
+            of a network too large to bound in full: the time scales with
+            the fraction.
 
     Returns:
         `(batch, m)` lower bounds; entry y is 0.
     """
     relaxations = {}
-    boxes = _ibp_hidden(steps, shapes, x, eps) if hidden == "ibp" else None
+    boxes = _ibp_hidden(steps, shapes, x, eps) if hidden == "ibp" or fraction < 1 else None
+    batch = ops.shape(x)[0]
     for k, (kind, _) in enumerate(steps):
         if kind != "minmax":
             continue
-        if hidden == "ibp":
+        pair_shape = tuple(shapes[k][:-1]) + (shapes[k][-1] // 2,)
+        if boxes is not None:
             centre, radius = boxes[k - 1]
             (la, lb), (ua, ub) = _pairs(centre - radius), _pairs(centre + radius)
-            lower, upper = la - ub, ua - lb
-        else:
-            lower, upper = _hidden_bounds(steps, shapes, x, eps, k, relaxations, chunk)
-        relaxations[k] = _relu_slopes(lower, upper, rule)
+            lower, upper = ops.reshape(la - ub, (batch, -1)), ops.reshape(ua - lb, (batch, -1))
+        if hidden == "linear":
+            pairs = int(np.prod(pair_shape))
+            count = pairs if fraction >= 1 else max(1, int(np.ceil(fraction * pairs)))
+            low, up = _hidden_bounds(steps, shapes, x, eps, k, relaxations, chunk, count)
+            if count < pairs:
+                low = ops.concatenate([low, lower[:, count:]], axis=1)
+                up = ops.concatenate([up, upper[:, count:]], axis=1)
+            lower, upper = low, up
+        relaxations[k] = _relu_slopes(ops.reshape(lower, (batch,) + pair_shape), ops.reshape(upper, (batch,) + pair_shape), rule)
     _, head = steps[-1]
     lam = _margin_spec(labels, head.units)
     a, c = _backward(steps, shapes, lam, len(steps), relaxations)
     return _concretise(a, c, x, eps)
 
 
-def margin_bounds(method, steps, shapes, x, eps, labels, chunk=4096):
-    """Lower bounds of the margins by one of `METHODS` (see the module)."""
+def margin_bounds(method, steps, shapes, x, eps, labels, chunk=4096, fraction=1.0):
+    """Lower bounds of the margins by one of `METHODS` (see the module;
+    `chunk` and `fraction` as for `linear_bounds`)."""
     if method == "ibp":
         return ibp(steps, shapes, x, eps, labels)
     if method == "crown_ibp":
         return linear_bounds(steps, shapes, x, eps, labels, rule="crown", hidden="ibp")
-    return linear_bounds(steps, shapes, x, eps, labels, rule=method, hidden="linear", chunk=chunk)
+    return linear_bounds(steps, shapes, x, eps, labels, rule=method, hidden="linear", chunk=chunk, fraction=fraction)
 
 
-def certify(method, model, x, eps, batch_size=256, chunk=4096):
+def certify(method, model, x, eps, batch_size=256, chunk=4096, fraction=1.0):
     """Certifies a model's own predictions with a bound propagation method.
 
     A point is certified when the lower bound of every margin
@@ -333,6 +346,8 @@ def certify(method, model, x, eps, batch_size=256, chunk=4096):
         eps: the L2 radius.
         batch_size: points per call.
         chunk: hidden units per backward pass (KW, CROWN).
+        fraction: share of hidden units bounded linearly (KW, CROWN; see
+            `linear_bounds`).
 
     Returns:
         `(predictions, certified)`, numpy `(n,)` int and bool.
@@ -343,7 +358,7 @@ def certify(method, model, x, eps, batch_size=256, chunk=4096):
         xb = ops.convert_to_tensor(x[start : start + batch_size])
         logits = ops.convert_to_numpy(model(xb, training=False))
         pred = logits.argmax(axis=1)
-        bounds = ops.convert_to_numpy(margin_bounds(method, steps, shapes, xb, eps, ops.convert_to_tensor(pred), chunk))
+        bounds = ops.convert_to_numpy(margin_bounds(method, steps, shapes, xb, eps, ops.convert_to_tensor(pred), chunk, fraction))
         others = np.ones_like(bounds, bool)
         others[np.arange(len(pred)), pred] = False
         # A tie has a margin of 0 and is never certified; non-finite
