@@ -81,12 +81,18 @@ def write(path, rows, **meta):
 
 def markdown_table(rows, columns):
     """A Markdown table of `rows` (dicts); `columns` is a list of
-    `(heading, key, format)` with format a format spec or None."""
+    `(heading, key, format)` with format a format spec, a function of the
+    value returning the cell, or None (`str`)."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for _, key, spec in columns:
             value = row.get(key)
-            cells.append("—" if value is None else format(value, spec) if spec else str(value))
+            if value is None:
+                cells.append("—")
+            elif callable(spec):
+                cells.append(spec(value))
+            else:
+                cells.append(format(value, spec) if spec else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
