@@ -248,14 +248,12 @@ def train_row(setting, method, model, x, y, epochs, batch):
 
 
 def _data(setting):
-    if setting.real_data:
-        n_test = max(setting.points.values())
-        x_train, y_train, x_test, y_test = _subset.load(
-            train_examples=setting.train_subset, test_examples=n_test
-        )
-        return x_train, y_train, x_test, y_test
-    rng = np.random.default_rng(0)
+    """`(x_train, y_train, x_test, y_test)`: the real data's first examples,
+    or uniform inputs and random labels of the setting's shape."""
     n_test = max(setting.points.values())
+    if setting.real_data:
+        return _subset.load(train_examples=setting.train_subset, test_examples=n_test)
+    rng = np.random.default_rng(0)
     x_train = rng.random((setting.train_subset,) + setting.input_shape, dtype=np.float32)
     x_test = rng.random((n_test,) + setting.input_shape, dtype=np.float32)
     return x_train, rng.integers(0, 10, len(x_train)), x_test, rng.integers(0, 10, n_test)
