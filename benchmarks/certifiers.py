@@ -10,7 +10,7 @@ the 10,000-point test set; each row says how many points it measured.
 
     pip install -r benchmarks/requirements-certifiers.txt
     python benchmarks/certifiers.py            # writes benchmarks/certifiers.json
-    python benchmarks/certifiers.py --quick    # a few minutes, smaller subsets
+    python benchmarks/certifiers.py --quick    # smaller subsets, ~8 min on 2 busy cores
 
 Networks: `cnn_2C2F` on Fashion-MNIST at radius 0.3 (trained here, on the
 real data) and `cnn_6C2F` on CIFAR-10 shapes at 36/255 (synthetic inputs and
