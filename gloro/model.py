@@ -183,7 +183,14 @@ class GloroNet(_GloroSteps, keras.Model):
     `set_weights`, `load_weights`, a custom optimizer loop on `g.f`), the
     call certifies nothing until the constants are frozen again, which
     `fit`, `predict`, `evaluate`, `save`, `export`, `certified_radius` and
-    `lipschitz_constant` do by themselves.
+    `lipschitz_constant` do by themselves. Constants that arrive with the
+    variables (loading, `set_weights`, `load_weights`) are never trusted:
+    they are recomputed the same way. A change to anything else the
+    network computes with (a layer's settings, its quantization or LoRA
+    state, a new variable) makes every call raise a `ValueError`.
+
+    Under a half-precision dtype policy, training runs in the policy's
+    dtype, and inference (every certificate) in float32 on the same weights.
 
     The network is any single-input functional graph (or `Sequential`) of
     layers with known bounds (see `gloro.layers`), whose branches meet in
