@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -203,8 +204,12 @@ def writable_folder(path):
         existing = existing.parent
     if not existing.is_dir():
         return f"{path} cannot be created: {existing} is a file."
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{path} cannot be written: no write permission on {existing}."
+    # Trying is the only test that holds for root, read-only mounts and
+    # pseudo file systems alike; the probe leaves nothing behind.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gloro-probe-", dir=existing))
+    except OSError as err:
+        return f"{path} cannot be created or written: {err.strerror} in {existing}."
     return None
 
 

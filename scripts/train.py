@@ -88,9 +88,11 @@ import math
 import os
 import platform
 import resource
+import select
+import signal
 import socket
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -225,36 +227,79 @@ def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, b
     ]
 
 
-class _Watchdog(keras.callbacks.Callback):
-    """Ends the process when the workers have not all joined in time.
+# The pipe a supervised worker reports on once it has joined its peers.
+_JOINED_FD = "GLORO_TRAIN_JOINED_FD"
 
-    A worker waiting for a peer that never comes blocks inside TensorFlow or
-    JAX, where no Python code of its thread runs; a timer thread still
-    does. Training's first step needs every worker, so the watch ends there.
-    """
 
-    def __init__(self, timeout):
+class _Joined(keras.callbacks.Callback):
+    """Tells the supervising process (`_supervise`) that this worker has
+    joined: training's first step needs every worker."""
+
+    def __init__(self, fd):
         super().__init__()
-        self.timeout = timeout
-        self._timer = threading.Timer(timeout, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._fd = fd
 
-    def _expire(self):
+    def on_train_batch_end(self, batch, logs=None):
+        if self._fd is not None:
+            os.write(self._fd, b"1")
+            os.close(self._fd)
+            self._fd = None
+
+
+def _die_with_parent():
+    # Linux's prctl(PR_SET_PDEATHSIG, SIGKILL): a worker never outlives the
+    # process that supervises it.
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _supervise(timeout):
+    """Runs this command as a child process and stops it when told to.
+
+    A worker waiting for a peer that never comes blocks inside TensorFlow
+    or JAX, holding the interpreter lock, and TensorFlow's multi-worker
+    runtime takes SIGTERM over for its own preemption notices: in that
+    process neither a timer nor a signal handler can run. This process
+    stays free to do both: it ends the worker when the worker has not
+    joined its peers within `timeout` seconds, and on SIGTERM or SIGINT.
+
+    Args:
+        timeout: the `--worker-timeout` seconds.
+
+    Returns:
+        the exit status: the worker's, 1 after the timeout, or 128 plus the
+        signal's number.
+    """
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, *sys.argv],
+        env={**os.environ, _JOINED_FD: str(write_fd)},
+        pass_fds=(write_fd,),
+        preexec_fn=_die_with_parent,
+    )
+    os.close(write_fd)
+
+    def stop(signum, frame):
+        child.kill()
+        child.wait()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    ready, _, _ = select.select([read_fd], [], [], timeout)
+    # Ready with no byte: the worker exited before joining; its status tells.
+    if not ready:
+        child.kill()
+        child.wait()
         print(
-            f"Error: the workers did not all join within {self.timeout:g} s (--worker-timeout); check that "
+            f"Error: the workers did not all join within {timeout:g} s (--worker-timeout); check that "
             "every worker runs, with its own TF_CONFIG or KERAS_DISTRIBUTION_PROCESS_ID, and can reach "
             "the addresses listed.",
             file=sys.stderr,
-            flush=True,
         )
-        os._exit(1)
-
-    def stop(self):
-        self._timer.cancel()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.stop()
+        return 1
+    return child.wait()
 
 
 class _Distribution:
@@ -581,107 +626,108 @@ def train(
         runs.RunFolder.check(out, settings, restart)
     except runs.RunFolderError as err:
         _fail("--out", str(err))
-    # Some strategies wait for other workers before returning; the watch
-    # starts first.
     waits = strategy == "multiworker" or (
         strategy == "data_parallel" and os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES")
     )
-    watchdog = _Watchdog(worker_timeout) if waits else None
-    try:
-        distribution = _distribution(strategy)
-        if not distribution.is_chief:
-            out = Path(f"{out}.workertemp_{distribution.worker_id}")
-
-        train_ds, info = _load(dataset, "train", data_dir)
-        test_ds, test_info = _load(dataset, "test", data_dir)
-        _check_data(dataset, info, test_info)
-
-        def batches(ds, **kwargs):
-            ds = data.pipeline(ds, batch_size, **kwargs)
-            return _shard_by_data(ds) if strategy == "multiworker" else ds
-
-        keras.utils.set_random_seed(seed)
-        with distribution.scope:
-            f = architectures.get(
-                architecture, info.input_shape, info.num_classes, activation=activation, seed=seed, **options
-            )
-            g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
-            total_steps = epochs * math.ceil(info.num_examples / batch_size)
-            learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)
-            g.compile(
-                optimizer=make_optimizer(learning_rate=learning_rate),
-                loss=loss_fn,
-                metrics=["clean_acc", "vra", "rejection_rate"],
-            )
-
-        try:
-            run = runs.RunFolder.open(out, settings, restart)
-        except runs.RunFolderError as err:
-            _fail("--out", str(err))
+    joined_fd = os.environ.pop(_JOINED_FD, None)
+    if waits and joined_fd is None and Path(sys.argv[0]).resolve() == Path(__file__).resolve():
+        # Checked here, so that a malformed cluster is refused in one line.
         if strategy == "multiworker":
-            _agree_on_backup(distribution.strategy, run)
-        if run.backup_epoch():
-            print(f"Resuming from epoch {run.backup_epoch()} of the run in {out}")
-        backup = runs.BackupAndResume(run)
-        fit_callbacks = _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, backup)
-        g.fit(
-            batches(train_ds, training=True, augmentation=augmentation, seed=seed),
-            epochs=epochs,
-            shuffle=False,  # the pipeline shuffles
-            verbose=verbose,
-            callbacks=fit_callbacks + ([watchdog] if watchdog else []),
+            _tf_config()
+        else:
+            _jax_processes()
+        raise typer.Exit(_supervise(worker_timeout))
+    distribution = _distribution(strategy)
+    if not distribution.is_chief:
+        out = Path(f"{out}.workertemp_{distribution.worker_id}")
+
+    train_ds, info = _load(dataset, "train", data_dir)
+    test_ds, test_info = _load(dataset, "test", data_dir)
+    _check_data(dataset, info, test_info)
+
+    def batches(ds, **kwargs):
+        ds = data.pipeline(ds, batch_size, **kwargs)
+        return _shard_by_data(ds) if strategy == "multiworker" else ds
+
+    keras.utils.set_random_seed(seed)
+    with distribution.scope:
+        f = architectures.get(
+            architecture, info.input_shape, info.num_classes, activation=activation, seed=seed, **options
         )
-        if backup.diverged:
-            run.mark("diverged", epoch=backup.diverged)
-            print(
-                f"Error: training diverged in epoch {backup.diverged} (non-finite loss or weights); nothing of "
-                "that epoch was kept. Start over with --restart and other settings (a lower --lr, for instance).",
-                file=sys.stderr,
-            )
-            raise typer.Exit(1)
+        g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
+        total_steps = epochs * math.ceil(info.num_examples / batch_size)
+        learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)
+        g.compile(
+            optimizer=make_optimizer(learning_rate=learning_rate),
+            loss=loss_fn,
+            metrics=["clean_acc", "vra", "rejection_rate"],
+        )
 
-        evaluations = {}
-        for split, ds in (("train", train_ds), ("test", test_ds)):
-            logs = g.evaluate(batches(ds, training=False, cache=False), verbose=0, return_dict=True)
-            evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
-        with runs.atomic_path(out / "model.keras") as path:
-            g.save(path)
-        with runs.atomic_path(out / "saved_model") as path:
-            g.export(str(path), verbose=False)
-
-        with open(out / "history.csv", newline="") as file:
-            epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(file)]
-        results = {
-            "dataset": dataset,
-            "architecture": architecture,
-            "epsilon": epsilon,
-            **evaluations,
-            "lipschitz_constant": float(np.max(g.lipschitz_constant())),
-            "seconds_per_epoch": float(np.mean(epoch_seconds)),
-            "epoch_seconds": epoch_seconds,
-            "peak_memory": _peak_memory_mb(),
-            "config": config,
-            "versions": _versions(),
-        }
-        runs.write_json(out / "results.json", results)
-        # Finished before the backups go: a kill in between leaves a finished
-        # run, never one that restarts from scratch.
-        run.mark("finished")
-        run.remove_backups()
-        if not distribution.is_chief:
-            run.discard_outputs()
-            (out / runs.MARKER).unlink()
-            out.rmdir()
-            return results
+    try:
+        run = runs.RunFolder.open(out, settings, restart)
+    except runs.RunFolderError as err:
+        _fail("--out", str(err))
+    if strategy == "multiworker":
+        _agree_on_backup(distribution.strategy, run)
+    if run.backup_epoch():
+        print(f"Resuming from epoch {run.backup_epoch()} of the run in {out}")
+    backup = runs.BackupAndResume(run)
+    fit_callbacks = _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, backup)
+    g.fit(
+        batches(train_ds, training=True, augmentation=augmentation, seed=seed),
+        epochs=epochs,
+        shuffle=False,  # the pipeline shuffles
+        verbose=verbose,
+        callbacks=fit_callbacks + [_Joined(int(joined_fd) if joined_fd else None)],
+    )
+    if backup.diverged:
+        run.mark("diverged", epoch=backup.diverged)
         print(
-            f"test: clean accuracy {evaluations['test']['clean_acc']:.4f}, VRA {evaluations['test']['vra']:.4f} "
-            f"at epsilon {epsilon}, rejection rate {evaluations['test']['rejection_rate']:.4f}; "
-            f"{results['seconds_per_epoch']:.1f} s per epoch; results in {out}"
+            f"Error: training diverged in epoch {backup.diverged} (non-finite loss or weights); nothing of "
+            "that epoch was kept. Start over with --restart and other settings (a lower --lr, for instance).",
+            file=sys.stderr,
         )
+        raise typer.Exit(1)
+
+    evaluations = {}
+    for split, ds in (("train", train_ds), ("test", test_ds)):
+        logs = g.evaluate(batches(ds, training=False, cache=False), verbose=0, return_dict=True)
+        evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
+    with runs.atomic_path(out / "model.keras") as path:
+        g.save(path)
+    with runs.atomic_path(out / "saved_model") as path:
+        g.export(str(path), verbose=False)
+
+    with open(out / "history.csv", newline="") as file:
+        epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(file)]
+    results = {
+        "dataset": dataset,
+        "architecture": architecture,
+        "epsilon": epsilon,
+        **evaluations,
+        "lipschitz_constant": float(np.max(g.lipschitz_constant())),
+        "seconds_per_epoch": float(np.mean(epoch_seconds)),
+        "epoch_seconds": epoch_seconds,
+        "peak_memory": _peak_memory_mb(),
+        "config": config,
+        "versions": _versions(),
+    }
+    runs.write_json(out / "results.json", results)
+    # Finished before the backups go: a kill in between leaves a finished
+    # run, never one that restarts from scratch.
+    run.mark("finished")
+    run.remove_backups()
+    if not distribution.is_chief:
+        run.discard_outputs()
+        (out / runs.MARKER).unlink()
+        out.rmdir()
         return results
-    finally:
-        if watchdog:
-            watchdog.stop()
+    print(
+        f"test: clean accuracy {evaluations['test']['clean_acc']:.4f}, VRA {evaluations['test']['vra']:.4f} "
+        f"at epsilon {epsilon}, rejection rate {evaluations['test']['rejection_rate']:.4f}; "
+        f"{results['seconds_per_epoch']:.1f} s per epoch; results in {out}"
+    )
+    return results
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
