@@ -28,14 +28,16 @@ Example:
 
 ```python
 run = gloro.runs.RunFolder.open("runs/fm", settings={"epochs": 10, "lr": 1e-3})
-backup = gloro.runs.BackupAndResume(run)
-g.fit(x, y, epochs=10, callbacks=[gloro.runs.HistoryCSV(run.path / "history.csv"), backup])
-if backup.diverged:
-    run.mark("diverged", epoch=backup.diverged)
-else:
-    g.save(run.path / "model.keras")          # itself written aside, then renamed
-    run.mark("finished")
-    run.remove_backups()
+history = gloro.runs.HistoryCSV(run.path / "history.csv")
+try:
+    g.fit(x, y, epochs=10, callbacks=[history, gloro.runs.BackupAndResume(run)])
+except gloro.runs.Diverged as err:
+    run.mark("diverged", epoch=err.epoch)
+    raise
+with gloro.runs.atomic_path(run.path / "model.keras") as path:
+    g.save(path)
+run.mark("finished")
+run.remove_backups()
 ```
 """
 
@@ -414,6 +416,18 @@ def _backup_run_id(path):
         return None
 
 
+class Diverged(RuntimeError):
+    """Training reached a non-finite loss or weights.
+
+    Attributes:
+        epoch: the epoch it happened in, counted from 1.
+    """
+
+    def __init__(self, epoch, loss):
+        super().__init__(f"training diverged in epoch {epoch} (loss {loss}, or non-finite weights)")
+        self.epoch = epoch
+
+
 class BackupAndResume(keras.callbacks.Callback):
     """Backs a run up after every epoch and resumes from its newest backup.
 
@@ -423,8 +437,7 @@ class BackupAndResume(keras.callbacks.Callback):
     identity: a kill at any instant leaves either the new backup or the one
     before it, never a cut-short file that stops the next run. The two
     newest are kept. An epoch that ends with a non-finite loss or weights is
-    not backed up; training stops and `diverged` holds the epoch (counted
-    from 1).
+    not backed up: `fit` stops with `Diverged`.
 
     Args:
         run: the `RunFolder`.
@@ -432,16 +445,16 @@ class BackupAndResume(keras.callbacks.Callback):
     Example:
 
     ```python
-    backup = BackupAndResume(run)
-    g.fit(x, y, epochs=10, callbacks=[backup])
+    try:
+        g.fit(x, y, epochs=10, callbacks=[BackupAndResume(run)])
+    except Diverged as err:
+        run.mark("diverged", epoch=err.epoch)
     ```
     """
 
     def __init__(self, run):
         super().__init__()
         self.run = run
-        self.diverged = None
-        self.resumed_from = 0
 
     def on_train_begin(self, logs=None):
         backups = self.run.backups()
@@ -458,14 +471,13 @@ class BackupAndResume(keras.callbacks.Callback):
             )
         # How keras.callbacks.BackupAndRestore makes fit start at an epoch.
         self.model._initial_epoch = epoch
-        self.resumed_from = epoch
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if (loss is not None and not math.isfinite(float(loss))) or not _finite(self.model):
-            self.diverged = epoch + 1
-            self.model.stop_training = True
-            return
+            # Raised, not a stop: the callbacks that end training would
+            # compute bounds from non-finite weights.
+            raise Diverged(epoch + 1, loss)
         folder = self.run.backup_dir()
         folder.mkdir(exist_ok=True)
         with atomic_path(folder / f"epoch_{epoch + 1}.weights.h5") as tmp:

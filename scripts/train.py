@@ -205,7 +205,7 @@ def _versions():
     return {**versions, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, backup):
+def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
     # Schedules get explicit base values: a restored model holds the
     # scheduled values, not the bases. The learning rate needs no callback:
     # the optimizer computes it from its step counter, which a resumed run
@@ -222,7 +222,7 @@ def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, b
         runs.HistoryCSV(run.path / "history.csv"),
         # Per epoch: Keras restores a mid-epoch backup's epoch but not its
         # batch.
-        backup,
+        runs.BackupAndResume(run),
         keras.callbacks.TensorBoard(str(run.path / "logs"), write_graph=False),
     ]
 
@@ -502,7 +502,7 @@ def _check_data(dataset, train_info, test_info):
 
 def _finite32(value):
     # The model computes in float32: 1e39 is finite in Python but inf there.
-    return math.isfinite(value) and bool(np.isfinite(np.float32(value)))
+    return math.isfinite(value) and abs(value) <= np.finfo(np.float32).max
 
 
 # What a run's marker records and a resumed run must repeat: the flags that
@@ -671,23 +671,23 @@ def train(
         _agree_on_backup(distribution.strategy, run)
     if run.backup_epoch():
         print(f"Resuming from epoch {run.backup_epoch()} of the run in {out}")
-    backup = runs.BackupAndResume(run)
-    fit_callbacks = _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn, backup)
-    g.fit(
-        batches(train_ds, training=True, augmentation=augmentation, seed=seed),
-        epochs=epochs,
-        shuffle=False,  # the pipeline shuffles
-        verbose=verbose,
-        callbacks=fit_callbacks + [_Joined(int(joined_fd) if joined_fd else None)],
-    )
-    if backup.diverged:
-        run.mark("diverged", epoch=backup.diverged)
+    fit_callbacks = _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn)
+    try:
+        g.fit(
+            batches(train_ds, training=True, augmentation=augmentation, seed=seed),
+            epochs=epochs,
+            shuffle=False,  # the pipeline shuffles
+            verbose=verbose,
+            callbacks=fit_callbacks + [_Joined(int(joined_fd) if joined_fd else None)],
+        )
+    except runs.Diverged as err:
+        run.mark("diverged", epoch=err.epoch)
         print(
-            f"Error: training diverged in epoch {backup.diverged} (non-finite loss or weights); nothing of "
-            "that epoch was kept. Start over with --restart and other settings (a lower --lr, for instance).",
+            f"Error: {err}; nothing of that epoch was kept. Start over with --restart and other "
+            "settings (a lower --lr, for instance).",
             file=sys.stderr,
         )
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
     evaluations = {}
     for split, ds in (("train", train_ds), ("test", test_ds)):
