@@ -60,8 +60,6 @@ import numpy as np
 MARKER = "gloro_run.json"
 # What a run writes into its folder, besides the marker.
 RUN_FILES = ("model.keras", "saved_model", "results.json", "history.csv", "logs", "backup")
-# A name written aside: the part before the first dot, ".partial", the rest.
-_PARTIAL = re.compile(r"^[^.]+\.partial(\..*)?$")
 _BACKUP = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 # Backups kept: two, so that workers an epoch apart share one.
 _BACKUPS_KEPT = 2
@@ -185,7 +183,8 @@ def _remove_matching(folder, pattern):
 
 # TensorBoard writes logs/<train|validation>/events.out.tfevents.*.
 _EVENTS = re.compile(r"^events\.out\.tfevents\.")
-_BACKUP_OR_PARTIAL = re.compile(rf"{_BACKUP.pattern}|^epoch_\d+\.partial\.weights\.h5$")
+_PARTIAL_BACKUP = re.compile(r"^epoch_\d+\.partial\.weights\.h5$")
+_BACKUP_OR_PARTIAL = re.compile(rf"{_BACKUP.pattern}|{_PARTIAL_BACKUP.pattern}")
 
 
 def writable_folder(path):
@@ -297,7 +296,9 @@ class RunFolder:
             return None
         marker = _read_marker(path)
         if marker is None:
-            foreign = sorted(p.name for p in path.iterdir() if not _PARTIAL.match(p.name))
+            # A kill before its marker was in place leaves only the marker's
+            # partial.
+            foreign = sorted(p.name for p in path.iterdir() if p.name != partial_path(MARKER).name)
             if foreign:
                 raise RunFolderError(
                     f"{path} holds files that no gloro run wrote (such as {foreign[0]!r}); "
@@ -398,14 +399,19 @@ def _read_marker(path):
     return marker
 
 
-def _remove_partials(path):
-    for item in path.iterdir():
-        if _PARTIAL.match(item.name):
-            _remove(item)
+def _own_partials(path):
+    """What a killed run may have left half-written in `path` (not a user's
+    `notes.partial.txt`)."""
+    names = {partial_path(Path(name)).name for name in (MARKER, *RUN_FILES)}
+    found = [path / name for name in names if (path / name).exists()]
     if (path / "backup").is_dir():
-        for item in (path / "backup").iterdir():
-            if _PARTIAL.match(item.name):
-                _remove(item)
+        found += [item for item in (path / "backup").iterdir() if _PARTIAL_BACKUP.match(item.name)]
+    return found
+
+
+def _remove_partials(path):
+    for item in _own_partials(path):
+        _remove(item)
 
 
 def _backup_run_id(path):

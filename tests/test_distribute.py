@@ -132,11 +132,10 @@ class _Job:
         assert codes == [0, 0], f"exit codes {codes}\n{self.output()}"
 
 
-def _backed_up_epoch(backup, name="training_metadata.json"):
-    try:
-        return json.loads((backup / name).read_text())["epoch"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
+def _backed_up_epoch(backup):
+    """The newest epoch backed up in `backup` (gloro.runs.BackupAndResume
+    renames each whole file into place), 0 if none."""
+    return max((int(p.name.split("_")[1].split(".")[0]) for p in backup.glob("epoch_*.weights.h5")), default=0)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +178,7 @@ def resumed_job(tmp_path_factory):
         job.kill()
     epochs = [_backed_up_epoch(b) for b in backups]
     assert epochs[0] == epochs[1] < EPOCHS, epochs
-    for name in ("latest.weights.h5", "training_metadata.json"):
-        os.replace(backups[1] / f"{name}.bkp", backups[1] / name)
+    (backups[1] / f"epoch_{epochs[1]}.weights.h5").unlink()
     assert _backed_up_epoch(backups[1]) == epochs[0] - 1
 
     restarted = _Job(data_dir, out, root, attempt=1)
