@@ -276,7 +276,6 @@ def _supervise(timeout):
         [sys.executable, *sys.argv],
         env={**os.environ, _JOINED_FD: str(write_fd)},
         pass_fds=(write_fd,),
-        preexec_fn=_die_with_parent,
     )
     os.close(write_fd)
 
@@ -630,6 +629,10 @@ def train(
         strategy == "data_parallel" and os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES")
     )
     joined_fd = os.environ.pop(_JOINED_FD, None)
+    if joined_fd is not None:
+        # Set here rather than between fork and exec, which is unsafe in a
+        # process running TensorFlow's threads.
+        _die_with_parent()
     if waits and joined_fd is None and Path(sys.argv[0]).resolve() == Path(__file__).resolve():
         # Checked here, so that a malformed cluster is refused in one line.
         if strategy == "multiworker":
