@@ -135,7 +135,8 @@ class _Job:
 def _backed_up_epoch(backup):
     """The newest epoch backed up in `backup` (gloro.runs.BackupAndResume
     renames each whole file into place), 0 if none."""
-    return max((int(p.name.split("_")[1].split(".")[0]) for p in backup.glob("epoch_*.weights.h5")), default=0)
+    names = (p.name for p in backup.glob("*"))
+    return max((int(m[1]) for m in map(re.compile(r"^epoch_(\d+)\.weights\.h5$").match, names) if m), default=0)
 
 
 @pytest.fixture(scope="module")

@@ -232,6 +232,12 @@ def test_certify_measures_what_train_reported(trained, data_dir):
     assert (out / "radius_curve.png").stat().st_size > 0
 
 
+def _backups(out):
+    """The epochs backed up whole in `out` (not `epoch_<n>.partial.weights.h5`)."""
+    names = (p.name for p in (out / "backup").glob("*"))
+    return [int(m[1]) for m in map(re.compile(r"^epoch_(\d+)\.weights\.h5$").match, names) if m]
+
+
 def test_killed_training_resumes(data_dir, tmp_path):
     epochs, steps = 8, 32
     args = [
@@ -252,14 +258,14 @@ def test_killed_training_resumes(data_dir, tmp_path):
         deadline = time.monotonic() + 120
         # Backups appear whole (tests/test_runs.py kills at every file
         # operation); this kill lands mid-training, at a real instant.
-        while not list((tmp_path / "backup").glob("epoch_*.weights.h5")):
+        while not _backups(tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, "no epoch was backed up"
             time.sleep(0.02)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert not (tmp_path / "results.json").exists()
-    backed_up = max(int(p.name.split("_")[1].split(".")[0]) for p in (tmp_path / "backup").glob("epoch_*.weights.h5"))
+    backed_up = max(_backups(tmp_path))
     assert 1 <= backed_up < epochs, "training finished before it was killed"
     before = _history(tmp_path)
     # A kill can also land between logging an epoch and backing it up: fake
