@@ -64,11 +64,13 @@ backend; `--batch-size` is the global batch, split between the replicas:
   `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID` are
   set (see `keras.distribution.initialize`).
 
-`--worker-timeout` bounds how long a worker waits for the others (until
-the first training step has run on every worker): a worker that never comes
-ends the job with an error instead of a silent hang. SIGTERM stops a job at
-any point, while it waits included. A malformed `TF_CONFIG` or
-`KERAS_DISTRIBUTION_*` variable is refused in one line.
+Run as a command with several workers, each worker runs in a child process
+that this one supervises: `--worker-timeout` bounds the seconds from its
+start to its first training step, which needs every worker, so a worker
+that never comes ends the job with a one-line error instead of a silent
+hang; SIGTERM and SIGINT stop it at any point, while it waits included. A
+malformed `TF_CONFIG` or `KERAS_DISTRIBUTION_*` variable is refused in one
+line before anything starts.
 
 With several workers (or processes) only the chief (the `chief` task of
 `TF_CONFIG`, else worker 0; process 0 on JAX) writes `--out`. Every other
