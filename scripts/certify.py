@@ -248,7 +248,7 @@ def certify(
 ):
     """Certifies a GloRo Net on a dataset split; see the module docstring."""
     # The model certifies in float32: 1e39 is finite here but inf there.
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon <= np.finfo(np.float32).max and epsilon >= 0):
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon <= float(np.finfo(np.float32).max) and epsilon >= 0):
         _fail("--epsilon", f"must be a number >= 0, finite in float32 (below 3.4e38), got {epsilon}.")
     out = Path(out or Path(model).parent / ("certify_" + re.sub(r"\W", "_", split)))
     reason = runs.writable_folder(out)

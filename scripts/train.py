@@ -503,7 +503,7 @@ def _check_data(dataset, train_info, test_info):
 
 def _finite32(value):
     # The model computes in float32: 1e39 is finite in Python but inf there.
-    return math.isfinite(value) and abs(value) <= np.finfo(np.float32).max
+    return math.isfinite(value) and abs(value) <= float(np.finfo(np.float32).max)
 
 
 # What a run's marker records and a resumed run must repeat: the flags that
@@ -587,7 +587,12 @@ def train(
         ),
     ] = 600.0,
     restart: Annotated[
-        bool, typer.Option(help="Start the run in --out over, removing what it wrote (and nothing else).")
+        bool,
+        typer.Option(
+            "--restart",
+            show_default="False",
+            help="Start the run in --out over, removing what it wrote (and nothing else).",
+        ),
     ] = False,
 ):
     """Trains a GloRo Net; see the module docstring for the files written."""
