@@ -222,8 +222,8 @@ def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
         # Logging before backing up: an epoch logged but not backed up is
         # redone and its row replaced; the other order would lose the row.
         runs.HistoryCSV(run.path / "history.csv"),
-        # Per epoch: Keras restores a mid-epoch backup's epoch but not its
-        # batch.
+        # After the log, per epoch: a resumed run restarts at an epoch,
+        # never within one.
         runs.BackupAndResume(run),
         keras.callbacks.TensorBoard(str(run.path / "logs"), write_graph=False),
     ]
