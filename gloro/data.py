@@ -25,7 +25,13 @@ Lookup order of `load(name, split, data_dir)`:
    d. IDX files as in (a) directly in `<data_dir>/`.
    Local images must be uint8 arrays of shape `(N, H, W)` or `(N, H, W, C)`;
    they are held in memory as uint8 and scaled to float32 lazily.
-   `num_classes` is one more than the largest label over all local splits.
+   A dataset tensorflow-datasets knows (`KNOWN_DATASETS`: `mnist`,
+   `fashion_mnist`, `cifar10`, ...) must have its image shape in every
+   local split, and its labels must be below its number of classes: the
+   name must match the files. For any other name, `num_classes` is one more
+   than the largest label over all local splits, and every class below it
+   must occur in some split (a stray label such as 255 among labels 0 to 9
+   is refused rather than read as a 256-class problem).
 3. `tensorflow_datasets.load(name, split=split, data_dir=data_dir)`, which
    reads a prepared copy or downloads and prepares one. When the data is not
    prepared yet, the download server is probed first, because offline the
@@ -87,6 +93,19 @@ _TRANSLATE_PIXELS = 2
 _MIN_ZOOM_SCALE = 0.8
 # "all": contrast factor is drawn from [1 - delta, 1 + delta].
 _CONTRAST_DELTA = 0.2
+
+
+# Image shape and number of classes of the tensorflow-datasets sets that
+# local files most often stand in for; local files under one of these names
+# must agree with them.
+KNOWN_DATASETS = {
+    "mnist": ((28, 28, 1), 10),
+    "fashion_mnist": ((28, 28, 1), 10),
+    "kmnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "svhn_cropped": ((32, 32, 3), 10),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,22 +450,55 @@ def _load_local(name, split, location, splits):
             f"'train[:10%]')."
         )
     images, labels = splits[base].read()
+    input_shape = tuple(int(d) for d in images.shape[1:])
+    num_classes = _local_num_classes(name, location, input_shape, splits)
     selection = _split_slice(split, start, stop, len(labels))
     images, labels = images[selection], labels[selection]
-    label_max = max(
-        int(s.read_labels().max(initial=-1)) for s in splits.values()
-    )
     info = DatasetInfo(
         name=name,
         split=split,
-        num_classes=label_max + 1,
-        input_shape=tuple(int(d) for d in images.shape[1:]),
+        num_classes=num_classes,
+        input_shape=input_shape,
         num_examples=len(labels),
     )
     # Keeping uint8 in the dataset and scaling in `map` avoids a float32 copy
     # of the whole array.
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     return ds.map(_scale_image, num_parallel_calls=tf.data.AUTOTUNE), info
+
+
+def _local_num_classes(name, location, input_shape, splits):
+    """The number of classes of local files, checked against the labels of
+    every split and, for a known dataset, against its metadata."""
+    labels = {split: local.read_labels() for split, local in splits.items()}
+    known = KNOWN_DATASETS.get(name.replace("-", "_"))
+    if known is not None:
+        shape, num_classes = known
+        if input_shape != shape:
+            raise ValueError(
+                f"{location} holds images of shape {input_shape}, but "
+                f"{name!r} has images of shape {shape}: these files are "
+                f"another dataset; pass the name that matches them."
+            )
+        for split, split_labels in labels.items():
+            if split_labels.size and split_labels.max() >= num_classes:
+                raise ValueError(
+                    f"The {split!r} split in {location} has label "
+                    f"{int(split_labels.max())}, but {name!r} has "
+                    f"{num_classes} classes (labels 0 to {num_classes - 1})."
+                )
+        return num_classes
+    present = np.unique(np.concatenate(list(labels.values())))
+    num_classes = int(present.max(initial=-1)) + 1
+    if len(present) != num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise ValueError(
+            f"{location} has labels up to {num_classes - 1}, but no split "
+            f"has label {missing[0]} ({len(missing)} of the classes below "
+            f"the largest label never occur): a stray label would make a "
+            f"{num_classes}-class model. Fix the labels."
+        )
+    return num_classes
 
 
 def _parse_split(split):

@@ -460,11 +460,17 @@ class GloroNet(_GloroSteps, keras.Model):
         Returns:
             numpy `(m, m)`, the frozen `K[j, i]`.
         """
+        return self._freeze(converge=True)
+
+    def _freeze(self, converge):
+        """`freeze_lipschitz`; with `converge=False` the power-iteration
+        estimates are left as they are (they never enter a certificate)."""
         self._check_structure()
         # Copied before the bounds are computed: should a weight change in
         # between, the copy disagrees with it and nothing is certified.
         snapshot = [ops.convert_to_numpy(w) for w in self._certified_for[:-1]]
-        self.refresh_lipschitz()
+        if converge:
+            self.refresh_lipschitz()
         bound = float(self._graph.bound(self._graph.guaranteed_bound))
         # Covers the float64 rounding of the propagation itself.
         bound *= lipschitz.SAFETY_FACTOR

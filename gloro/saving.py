@@ -13,7 +13,12 @@ epsilon that is not a valid radius, or stored constants below what the
 weights prove (a file that was edited).
 """
 
+import json
+import math
 import os
+import shutil
+import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -23,7 +28,59 @@ from gloro import backend
 from gloro.model import GloroNet
 
 
-def load_model(path, verify=True):
+# What load_model accepts before it allocates anything: an input of at most
+# 2**22 values per example (2048x2048x1, 1182x1182x3), and archives of at
+# most 2 GiB once decompressed. The guaranteed bounds cost time and memory in
+# proportion to the input's size, so a small file declaring a huge input
+# would otherwise take minutes and gigabytes before anything is refused.
+MAX_INPUT_SIZE = 2**22
+MAX_ARCHIVE_BYTES = 2**31
+
+
+def _check_declared_sizes(path, max_input_size, max_archive_bytes):
+    """Refuses a `.keras` file whose declared sizes exceed the limits, from
+    its zip directory and its config, before anything is built."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"Cannot load {path!r}: it is not a readable .keras model file ({error}).") from error
+    with archive:
+        size = sum(item.file_size for item in archive.infolist())
+        if size > max_archive_bytes:
+            raise ValueError(
+                f"{path!r} decompresses to {size} bytes, more than the {max_archive_bytes} "
+                "gloro.load_model accepts (max_archive_bytes)."
+            )
+        try:
+            config = json.loads(archive.read("config.json"))
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"Cannot load {path!r}: it is not a readable .keras model file "
+                f"(no readable config.json: {error})."
+            ) from error
+    for shape in _declared_shapes(config):
+        values = math.prod(d for d in shape[1:] if isinstance(d, int))
+        if values > max_input_size:
+            raise ValueError(
+                f"{path!r} declares an input of shape {tuple(shape[1:])} ({values} values per example), "
+                f"more than the {max_input_size} gloro.load_model accepts (max_input_size)."
+            )
+
+
+def _declared_shapes(config):
+    """Every input shape a Keras config declares, at any depth."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in ("batch_shape", "batch_input_shape") and isinstance(value, list):
+                yield value
+            else:
+                yield from _declared_shapes(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _declared_shapes(value)
+
+
+def load_model(path, verify=True, max_input_size=MAX_INPUT_SIZE, max_archive_bytes=MAX_ARCHIVE_BYTES):
     """Loads a `GloroNet` saved with `g.save("m.keras")`.
 
     Args:
@@ -32,15 +89,19 @@ def load_model(path, verify=True):
             if its stored constants are lower; with False, they are
             recomputed before the first certificate instead, and a file
             with lowered constants is not noticed (but is not trusted).
+        max_input_size: refuse a model whose declared input has more values
+            per example, before building it.
+        max_archive_bytes: refuse a file whose members decompress to more
+            bytes, before reading them.
 
     Returns:
         the `GloroNet`, ready to predict and certify.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable `.keras` GloroNet, its
-            stored epsilon is negative or not finite, or its constants are
-            lower than its weights prove.
+        ValueError: the file is not a readable `.keras` GloroNet, exceeds
+            the size limits, its stored epsilon is negative or not finite,
+            or its constants are lower than its weights prove.
 
     Example:
 
@@ -51,6 +112,13 @@ def load_model(path, verify=True):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model file at {path!r}.")
+    _check_declared_sizes(path, max_input_size, max_archive_bytes)
+    # Keras extracts a file's assets into a fresh temporary folder and
+    # leaves it behind when loading fails; every temporary folder of this
+    # load goes into one that is removed afterwards. (tempfile's folder is
+    # process-wide: loads in other threads meanwhile use it too.)
+    scratch = tempfile.mkdtemp(prefix="gloro-load-")
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
     try:
         model = keras.models.load_model(path, safe_mode=True)
     except Exception as error:
@@ -58,6 +126,9 @@ def load_model(path, verify=True):
             f"Cannot load {path!r}: it is not a readable .keras model file "
             f"({type(error).__name__}: {error})."
         ) from error
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
     if not isinstance(model, GloroNet):
         raise ValueError(
             f"{path!r} holds a {type(model).__name__}, not a GloroNet; wrap the "
@@ -76,7 +147,10 @@ def _verify_constants(model, path):
             "the file is corrupted or was edited."
         )
     stored = ops.convert_to_numpy(model._margin_lipschitz).copy()
-    proven = model.freeze_lipschitz()
+    # Guaranteed bounds only: converging the file's power-iteration vectors
+    # (estimates for training, never certificates) could take thousands of
+    # iterations on a hostile file.
+    proven = model._freeze(converge=False)
     # Same weights, same computation: equal up to float64 rounding in the
     # SVD/FFT, which the safety factor dwarfs.
     if np.any(stored < proven * (1 - 1e-6)):

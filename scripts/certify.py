@@ -42,9 +42,18 @@ Files written into `--out` (default `certify_<split>/` next to the model):
   radius >= r, for r from 0 to twice epsilon or the largest finite radius of
   a correct example, whichever is larger.
 - `certify.json`: every number above.
+
+Every file is written aside and renamed into place, and `certify.json` is
+removed first and written last: when it is there, the other files come from
+the same pass. Nothing else in `--out` is touched.
+
+Checked before any certification: the flags (`--epsilon` finite in float32,
+`--out` a folder that can be written), the model, a split that selects at
+least one example, images of the model's input shape and labels of the
+model's classes (a label equal to the number of classes would otherwise be
+read as ⊥).
 """
 
-import json
 import math
 import re
 import sys
@@ -61,7 +70,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gloro  # noqa: E402
-from gloro import attacks, certificates, data, relaxations  # noqa: E402
+from gloro import attacks, certificates, data, relaxations, runs  # noqa: E402
 
 _CURVE_POINTS = 201
 
@@ -127,14 +136,15 @@ def _radius_curve(correct, radius, epsilon, out, title):
     r_max = max(2 * epsilon, finite.max(initial=0.0)) or 1.0
     grid = np.linspace(0.0, r_max, _CURVE_POINTS)
     accuracy = np.array([np.mean(correct & (radius >= r)) for r in grid])
-    np.savetxt(
-        out / "radius_curve.csv",
-        np.column_stack([grid, accuracy]),
-        delimiter=",",
-        header="radius,certified_accuracy",
-        comments="",
-        fmt="%.8g",
-    )
+    with runs.atomic_path(out / "radius_curve.csv") as path:
+        np.savetxt(
+            path,
+            np.column_stack([grid, accuracy]),
+            delimiter=",",
+            header="radius,certified_accuracy",
+            comments="",
+            fmt="%.8g",
+        )
     # A bare Figure renders with the Agg backend, needing no display.
     fig = Figure(figsize=(5, 3.5), layout="tight")
     ax = fig.subplots()
@@ -142,7 +152,8 @@ def _radius_curve(correct, radius, epsilon, out, title):
     ax.axvline(epsilon, color="gray", linestyle="--", label=f"epsilon = {epsilon:g}")
     ax.set(title=title, xlabel="L2 radius r", ylabel="certified accuracy", ylim=(0, 1), xlim=(0, r_max))
     ax.legend()
-    fig.savefig(out / "radius_curve.png", dpi=120)
+    with runs.atomic_path(out / "radius_curve.png") as path:
+        fig.savefig(path, dpi=120, format="png")
 
 
 def _audit(g, x, labels, batch_size, verbose):
@@ -172,7 +183,12 @@ def _certify_all(g, batches, num_examples, audit, verbose):
     seconds = 0.0
     labels, clean, prediction, set_size, in_set, radius, certified_x = [], [], [], [], [], [], []
     progress = keras.utils.Progbar(num_examples, verbose=verbose, unit_name="example")
+    m = g.f.output_shape[-1]
     for x, y in batches.as_numpy_iterator():
+        if y.min() < 0 or y.max() >= m:
+            # Column m is ⊥: such a label would count a rejection as correct.
+            _fail("--dataset", f"the data has label {int(y.max() if y.max() >= m else y.min())}, outside the "
+                  f"model's classes 0 to {m - 1}.")
         start = time.perf_counter()
         outputs = keras.ops.convert_to_numpy(g.predict_on_batch(x))
         seconds += time.perf_counter() - start
@@ -194,7 +210,7 @@ def _certify_all(g, batches, num_examples, audit, verbose):
 
 def _write_examples(path, labels, clean, prediction, radius):
     radius_text = [f"{r:.8g}" for r in radius]
-    with open(path, "w") as file:
+    with runs.atomic_path(path) as tmp, open(tmp, "w") as file:
         file.write("index,label,clean_prediction,prediction,radius\n")
         rows = zip(range(len(labels)), labels, clean, prediction, radius_text)
         file.writelines(",".join(map(str, row)) + "\n" for row in rows)
@@ -231,8 +247,13 @@ def certify(
     verbose: Annotated[int, typer.Option(min=0, max=1, help="1 shows progress bars.")] = 1,
 ):
     """Certifies a GloRo Net on a dataset split; see the module docstring."""
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon >= 0):
-        _fail("--epsilon", f"must be a finite number >= 0, got {epsilon}.")
+    # The model certifies in float32: 1e39 is finite here but inf there.
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon <= float(np.finfo(np.float32).max) and epsilon >= 0):
+        _fail("--epsilon", f"must be a number >= 0, finite in float32 (below 3.4e38), got {epsilon}.")
+    out = Path(out or Path(model).parent / ("certify_" + re.sub(r"\W", "_", split)))
+    reason = runs.writable_folder(out)
+    if reason:
+        _fail("--out", reason)
     g = _load(model, epsilon)
     try:
         ds, info = data.load(dataset, split, data_dir=data_dir)
@@ -240,14 +261,19 @@ def certify(
         _fail("--dataset", str(err).splitlines()[0])
     except ValueError as err:
         _fail("--dataset/--split", str(err).splitlines()[0])
+    if not info.num_examples:
+        _fail("--split", f"{split!r} selects no examples of {dataset}.")
     input_shape = tuple(g.f.input_shape[1:])
     if info.input_shape != input_shape:
         _fail(
             "--dataset",
             f"{dataset} has inputs of shape {info.input_shape}, the model takes {input_shape}.",
         )
-    out = Path(out or Path(model).parent / ("certify_" + re.sub(r"\W", "_", split)))
+    num_classes = g.f.output_shape[-1]
+    if info.num_classes != num_classes:
+        _fail("--dataset", f"{dataset} has {info.num_classes} classes, the model {num_classes}.")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "certify.json").unlink(missing_ok=True)
 
     batches = data.pipeline(ds, batch_size, training=False, cache=False)
     labels, clean, prediction, set_size, in_set, radius, certified_x, seconds = _certify_all(
@@ -284,7 +310,7 @@ def certify(
         results["audit"] = _audit(
             g, certified_x, clean[set_size == 1][: len(certified_x)], batch_size, verbose
         )
-    (out / "certify.json").write_text(json.dumps(results, indent=2) + "\n")
+    runs.write_json(out / "certify.json", results)
 
     print(
         f"{dataset} {split}: clean accuracy {results['clean_acc']:.4f}, VRA {results['vra']:.4f} at epsilon "

@@ -32,12 +32,23 @@ Files written into `--out` (default `runs/<dataset>_<architecture>`):
 - `history.csv`: per-epoch training logs (loss, metrics, `lipschitz`,
   `epsilon`, `learning_rate` and `epoch_seconds` at the end of the epoch).
 - `logs/`: TensorBoard logs.
+- `backup/`: one file per epoch while training (the two newest are kept).
+- `gloro_run.json`: the run's marker (see `gloro.runs`).
 
-Interrupted runs resume: running the same command again continues from the
-last finished epoch, with schedules, optimizer state and power-iteration
-caches restored from `out/backup/`, which is deleted once every file above is
-written. Without a backup the run starts from scratch and replaces earlier
-results in `--out`.
+`--out` is the run's own: a new or empty folder, or one holding a run
+(its `gloro_run.json`); anything else is refused. Every file appears whole
+or not at all (written aside, then renamed), so a kill at any instant leaves
+a folder that the same command resumes: from the last backed-up epoch, with
+schedules, optimizer state and power-iteration caches where they were, or
+from scratch when no epoch was backed up yet. A rerun with other settings
+than the run's is refused with the first difference; so is a rerun of a
+finished run, and of one that diverged (a non-finite loss or weights ends
+the run with exit status 1 and no backup of that epoch). `--restart` starts
+the run in `--out` over: it removes the files a run writes, and nothing else.
+
+Inputs are checked before anything is written: labels within the dataset's
+classes, train and test splits non-empty with equal image shapes, and every
+flag.
 
 `--strategy` trains on several devices or machines with the engine of the
 backend; `--batch-size` is the global batch, split between the replicas:
@@ -52,6 +63,14 @@ backend; `--batch-size` is the global batch, split between the replicas:
   devices; over several processes when `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
   `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCESS_ID` are
   set (see `keras.distribution.initialize`).
+
+Run as a command with several workers, each worker runs in a child process
+that this one supervises: `--worker-timeout` bounds the seconds from its
+start to its first training step, which needs every worker, so a worker
+that never comes ends the job with a one-line error instead of a silent
+hang; SIGTERM and SIGINT stop it at any point, while it waits included. A
+malformed `TF_CONFIG` or `KERAS_DISTRIBUTION_*` variable is refused in one
+line before anything starts.
 
 With several workers (or processes) only the chief (the `chief` task of
 `TF_CONFIG`, else worker 0; process 0 on JAX) writes `--out`. Every other
@@ -71,7 +90,10 @@ import math
 import os
 import platform
 import resource
-import shutil
+import select
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,7 +107,7 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gloro  # noqa: E402
-from gloro import architectures, callbacks, data, losses, schedules  # noqa: E402
+from gloro import architectures, callbacks, data, losses, runs, schedules  # noqa: E402
 
 Architecture = Literal[tuple(sorted(architectures.ARCHITECTURES))]
 Activation = Literal[tuple(sorted(architectures.ACTIVATIONS))]
@@ -111,34 +133,6 @@ class _EpochLogs(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs["epoch_seconds"] = time.perf_counter() - self._start
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-
-class _HistoryLogger(keras.callbacks.CSVLogger):
-    """A `CSVLogger` that appends across resumed runs, each epoch once.
-
-    A run killed after logging an epoch but before backing it up redoes that
-    epoch when resumed, so the rows from the first epoch of a run on are
-    dropped (all of them when a run starts from scratch).
-    """
-
-    def __init__(self, filename):
-        super().__init__(filename, append=True)
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._first_epoch = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if not self._first_epoch:
-            return
-        self._first_epoch = False
-        path = Path(self.filename)
-        lines = path.read_text().splitlines(keepends=True)
-        rows = [line for line in lines[1:] if int(line.split(",", 1)[0]) < epoch]
-        # CSVLogger's handle is in append mode: its next row lands at the
-        # end of the rewritten file.
-        path.write_text("".join(lines[:1] + rows) if rows else "")
-        self.append_header = not rows
 
 
 def _fail(flag, message):
@@ -213,7 +207,7 @@ def _versions():
     return {**versions, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
+def _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
     # Schedules get explicit base values: a restored model holds the
     # scheduled values, not the bases. The learning rate needs no callback:
     # the optimizer computes it from its step counter, which a resumed run
@@ -227,16 +221,86 @@ def _callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn):
         *schedule_callbacks,
         # Logging before backing up: an epoch logged but not backed up is
         # redone and its row replaced; the other order would lose the row.
-        _HistoryLogger(str(out / "history.csv")),
-        # Backups are per epoch: Keras 3.15 restores a mid-epoch backup's
-        # epoch but not its batch. A second copy survives a kill while
-        # writing one, and the backup outlives fit so that a run killed while
-        # saving its results resumes there instead of starting over.
-        keras.callbacks.BackupAndRestore(
-            str(out / "backup"), double_checkpoint=True, delete_checkpoint=False
-        ),
-        keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False),
+        runs.HistoryCSV(run.path / "history.csv"),
+        # After the log, per epoch: a resumed run restarts at an epoch,
+        # never within one.
+        runs.BackupAndResume(run),
+        keras.callbacks.TensorBoard(str(run.path / "logs"), write_graph=False),
     ]
+
+
+# The pipe a supervised worker reports on once it has joined its peers.
+_JOINED_FD = "GLORO_TRAIN_JOINED_FD"
+
+
+class _Joined(keras.callbacks.Callback):
+    """Tells the supervising process (`_supervise`) that this worker has
+    joined: training's first step needs every worker."""
+
+    def __init__(self, fd):
+        super().__init__()
+        self._fd = fd
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._fd is not None:
+            os.write(self._fd, b"1")
+            os.close(self._fd)
+            self._fd = None
+
+
+def _die_with_parent():
+    # Linux's prctl(PR_SET_PDEATHSIG, SIGKILL): a worker never outlives the
+    # process that supervises it.
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _supervise(timeout):
+    """Runs this command as a child process and stops it when told to.
+
+    A worker waiting for a peer that never comes blocks inside TensorFlow
+    or JAX, holding the interpreter lock, and TensorFlow's multi-worker
+    runtime takes SIGTERM over for its own preemption notices: in that
+    process neither a timer nor a signal handler can run. This process
+    stays free to do both: it ends the worker when the worker has not
+    joined its peers within `timeout` seconds, and on SIGTERM or SIGINT.
+
+    Args:
+        timeout: the `--worker-timeout` seconds.
+
+    Returns:
+        the exit status: the worker's, 1 after the timeout, or 128 plus the
+        signal's number.
+    """
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, *sys.argv],
+        env={**os.environ, _JOINED_FD: str(write_fd)},
+        pass_fds=(write_fd,),
+    )
+    os.close(write_fd)
+
+    def stop(signum, frame):
+        child.kill()
+        child.wait()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    ready, _, _ = select.select([read_fd], [], [], timeout)
+    # Ready with no byte: the worker exited before joining; its status tells.
+    if not ready:
+        child.kill()
+        child.wait()
+        print(
+            f"Error: the workers did not all join within {timeout:g} s (--worker-timeout); check that "
+            "every worker runs, with its own TF_CONFIG or KERAS_DISTRIBUTION_PROCESS_ID, and can reach "
+            "the addresses listed.",
+            file=sys.stderr,
+        )
+        return 1
+    return child.wait()
 
 
 class _Distribution:
@@ -270,8 +334,9 @@ def _distribution(strategy):
             f"this process runs on {keras.backend.backend()}.",
         )
     if strategy == "data_parallel":
-        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
-            keras.distribution.initialize()
+        addresses, num_processes, process_id = _jax_processes()
+        if addresses:
+            keras.distribution.initialize(",".join(addresses), num_processes, process_id)
         # DataParallel splits each tf.data batch between the processes
         # itself (its auto_shard_dataset), so the pipeline stays as it is.
         keras.distribution.set_distribution(keras.distribution.DataParallel())
@@ -282,16 +347,100 @@ def _distribution(strategy):
 
     if strategy == "mirrored":
         return _Distribution(tf.distribute.MirroredStrategy())
-    if not os.environ.get("TF_CONFIG"):
-        _fail("--strategy", "'multiworker' reads the cluster from the TF_CONFIG environment variable, which is not set.")
+    task_type, task_id, has_chief = _tf_config()
     distribute = tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = distribute.cluster_resolver
-    task_type, task_id = resolver.task_type, resolver.task_id
     # tf.distribute's convention: the `chief` task if the cluster has one,
     # else worker 0.
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
     is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
     return _Distribution(distribute, is_chief, f"{task_type}_{task_id}")
+
+
+def _address(variable, address):
+    """Checks a `host:port` address of a cluster variable; returns the port."""
+    host, _, port = str(address).rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        _fail("--strategy", f"{variable} lists {address!r}, which is not a host:port address.")
+    return int(port)
+
+
+def _port_free(variable, port):
+    # A port held by another process makes the runtime fail with an opaque
+    # server error; SO_REUSEADDR keeps a port in TIME_WAIT usable, as the
+    # runtimes themselves treat it.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            _fail("--strategy", f"port {port} of this worker's address in {variable} is in use ({err.strerror}).")
+
+
+def _tf_config():
+    """This worker's task type and index from TF_CONFIG, checked, and whether
+    the cluster has a chief."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        _fail("--strategy", "'multiworker' reads the cluster from the TF_CONFIG environment variable, which is not set.")
+    try:
+        config = json.loads(raw)
+    except ValueError as err:
+        _fail("--strategy", f"TF_CONFIG is not valid JSON ({err}).")
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not (
+        isinstance(cluster, dict)
+        and cluster
+        and all(isinstance(v, list) and v for v in cluster.values())
+        and isinstance(task, dict)
+    ):
+        _fail(
+            "--strategy",
+            'TF_CONFIG must be {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}.',
+        )
+    task_type, task_id = task.get("type"), task.get("index")
+    if task_type not in cluster:
+        _fail("--strategy", f"TF_CONFIG's task type {task_type!r} is not in its cluster ({', '.join(cluster)}).")
+    if not (isinstance(task_id, int) and 0 <= task_id < len(cluster[task_type])):
+        _fail(
+            "--strategy",
+            f"TF_CONFIG's task index {task_id!r} is out of range: its cluster has "
+            f"{len(cluster[task_type])} {task_type!r} task(s).",
+        )
+    for addresses in cluster.values():
+        for address in addresses:
+            _address("TF_CONFIG", address)
+    _port_free("TF_CONFIG", _address("TF_CONFIG", cluster[task_type][task_id]))
+    return task_type, task_id, "chief" in cluster
+
+
+def _jax_processes():
+    """The `KERAS_DISTRIBUTION_*` variables, checked: the addresses (empty
+    when unset), the number of processes and this process's index."""
+    raw = os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
+    if not raw:
+        return [], None, None
+    addresses = raw.split(",")
+    for address in addresses:
+        _address("KERAS_DISTRIBUTION_JOB_ADDRESSES", address)
+    numbers = []
+    for name in ("KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):
+        value = os.environ.get(name, "")
+        if not value.isdigit():
+            _fail("--strategy", f"{name} must be a whole number >= 0 next to KERAS_DISTRIBUTION_JOB_ADDRESSES, got {value!r}.")
+        numbers.append(int(value))
+    num_processes, process_id = numbers
+    if num_processes < 1 or (len(addresses) > 1 and len(addresses) != num_processes):
+        _fail(
+            "--strategy",
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES is {num_processes}, but KERAS_DISTRIBUTION_JOB_ADDRESSES "
+            f"lists {len(addresses)} address(es).",
+        )
+    if process_id >= num_processes:
+        _fail("--strategy", f"KERAS_DISTRIBUTION_PROCESS_ID is {process_id}, not below the {num_processes} processes.")
+    if process_id == 0:
+        # Process 0 serves the coordinator, at the first address.
+        _port_free("KERAS_DISTRIBUTION_JOB_ADDRESSES", _address("KERAS_DISTRIBUTION_JOB_ADDRESSES", addresses[0]))
+    return addresses, num_processes, process_id
 
 
 def _shard_by_data(ds):
@@ -314,71 +463,57 @@ def _shard_by_data(ds):
     return ds.with_options(options)
 
 
-def _agree_on_backup(distribute, backup):
+def _agree_on_backup(distribute, run):
     """Rolls this worker's backup back to the epoch every worker has backed up.
 
     The workers back up one after another at the end of an epoch, so a worker
     that dies in between leaves backups an epoch apart; resuming from both
-    would give the replicas different weights. The previous backup, which
-    `double_checkpoint` keeps, is then the epoch to resume from. Keras'
-    `BackupAndRestore` names its files `latest.weights.h5` and
-    `training_metadata.json`, and the previous copies `<name>.bkp`.
+    would give the replicas different weights. The backup before the newest,
+    which `gloro.runs.BackupAndResume` keeps, is then the epoch to resume
+    from.
     """
     import tensorflow as tf
 
-    epoch = _backed_up_epoch(backup / "training_metadata.json")
+    epoch = run.backup_epoch()
     values = distribute.experimental_distribute_values_from_function(lambda _: tf.constant([epoch]))
     lowest = int(tf.reduce_min(distribute.gather(values, axis=0)))
     if epoch == lowest:
         return
-    if _backed_up_epoch(backup / "training_metadata.json.bkp") != lowest:
+    if lowest not in run.backups():
         raise SystemExit(
-            f"Error: this worker's backup in {backup} is at epoch {epoch} and another worker's at "
-            f"{lowest}, with no copy of epoch {lowest} here; delete every worker's backup to start over."
+            f"Error: this worker's backup in {run.backup_dir()} is at epoch {epoch} and another worker's at "
+            f"{lowest}, with no copy of epoch {lowest} here; restart every worker with --restart to start over."
         )
     print(f"Resuming from epoch {lowest}, the last one every worker backed up")
-    for name in ("latest.weights.h5", "training_metadata.json"):
-        os.replace(backup / f"{name}.bkp", backup / name)
+    run.keep_backup(lowest)
 
 
-def _backed_up_epoch(metadata):
-    """The number of epochs a BackupAndRestore metadata file records, 0 if
-    none, None if the file cannot be read."""
-    try:
-        return int(json.loads(metadata.read_text())["epoch"])
-    except FileNotFoundError:
-        return 0
-    except (ValueError, KeyError, TypeError):
-        return None
+def _check_data(dataset, train_info, test_info):
+    """Refuses data that would only fail, or mislead, after training."""
+    for info in (train_info, test_info):
+        if not info.num_examples:
+            _fail("--dataset", f"the {info.split!r} split of {dataset} has no examples.")
+    if train_info.input_shape != test_info.input_shape:
+        _fail(
+            "--dataset",
+            f"{dataset}'s train images have shape {train_info.input_shape} but its test images "
+            f"{test_info.input_shape}.",
+        )
 
 
-def _repair_backup(backup):
-    """Falls back to the previous backup when the latest one was cut short.
-
-    Keras' `BackupAndRestore` writes the weights, then the metadata file; a
-    kill while it writes the metadata leaves that file truncated, and Keras
-    then fails to resume (it recovers from unreadable weights only). The
-    previous pair (`<name>.bkp`, kept by `double_checkpoint`) is complete;
-    without one the run starts over.
-    """
-    metadata = backup / "training_metadata.json"
-    if not metadata.exists() or _backed_up_epoch(metadata) is not None:
-        return
-    previous = backup / "training_metadata.json.bkp"
-    if _backed_up_epoch(previous) and (backup / "latest.weights.h5.bkp").exists():
-        for name in ("latest.weights.h5", "training_metadata.json"):
-            os.replace(backup / f"{name}.bkp", backup / name)
-        print(f"The latest backup in {backup} was cut short; resuming from the one before it")
-    else:
-        shutil.rmtree(backup)
-        print(f"The only backup in {backup} was cut short; starting over")
+def _finite32(value):
+    # The model computes in float32: 1e39 is finite in Python but inf there.
+    return math.isfinite(value) and abs(value) <= float(np.finfo(np.float32).max)
 
 
-def _write_json(path, value):
-    # Atomic, so that a kill never leaves a truncated results.json.
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+# What a run's marker records and a resumed run must repeat: the flags that
+# shape the model and its training (not where the data is read from, nor
+# how the run reports, nor the devices it runs on).
+_NOT_SETTINGS = ("data_dir", "out", "verbose", "strategy", "restart", "worker_timeout")
+# tf.data and the step counter take batch sizes and seeds as 64-bit and
+# 32-bit integers.
+_MAX_BATCH_SIZE = 2**31 - 1
+_MAX_SEED = 2**32 - 1
 
 
 def train(
@@ -415,7 +550,7 @@ def train(
         str, typer.Option(help="TRADES lambda as multiples of the loss's lambda.")
     ] = "fixed",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 100,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, max=_MAX_BATCH_SIZE, help="Batch size.")] = 256,
     optimizer: Annotated[str, typer.Option(help="adam, sgd or sgd.<momentum>.")] = "adam",
     lr: Annotated[float, typer.Option(help="Base learning rate.")] = 1e-3,
     lr_schedule: Annotated[
@@ -432,7 +567,9 @@ def train(
         str | None,
         typer.Option(help="Output folder.", show_default="runs/<dataset>_<architecture>"),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=_MAX_SEED, help="Seed of initialisation, shuffling and augmentation.")
+    ] = 0,
     power_iterations: Annotated[
         int, typer.Option(min=1, help="Power-iteration steps per layer per step.")
     ] = gloro.model.DEFAULT_POWER_ITERATIONS,
@@ -443,13 +580,29 @@ def train(
         Strategy,
         typer.Option(help="none, mirrored or multiworker (TensorFlow), data_parallel (JAX)."),
     ] = "none",
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Seconds a worker waits for the others to join (multiworker, data_parallel over processes)."
+        ),
+    ] = 600.0,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            show_default="False",
+            help="Start the run in --out over, removing what it wrote (and nothing else).",
+        ),
+    ] = False,
 ):
     """Trains a GloRo Net; see the module docstring for the files written."""
     config = dict(locals())
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        _fail("--epsilon", f"must be a finite number >= 0, got {epsilon}.")
-    if not (math.isfinite(lr) and lr > 0):
-        _fail("--lr", f"must be a finite number > 0, got {lr}.")
+    if not (_finite32(epsilon) and epsilon >= 0):
+        _fail("--epsilon", f"must be a number >= 0, finite in float32 (below 3.4e38), got {epsilon}.")
+    if not (_finite32(lr) and lr > 0):
+        _fail("--lr", f"must be a number > 0, finite in float32 (below 3.4e38), got {lr}.")
+    if not math.isfinite(worker_timeout):
+        _fail("--worker-timeout", f"must be a finite number of seconds, got {worker_timeout}.")
     # Only given options reach the builder, so its defaults stay the defaults.
     options = {k: v for k, v in (("depth", depth), ("width", width)) if v is not None}
     for flag in options:
@@ -474,12 +627,33 @@ def train(
     make_optimizer = _optimizer(optimizer)
     out = Path(out or f"runs/{dataset}_{architecture}")
     config["out"] = str(out)
+    settings = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
+    try:
+        runs.RunFolder.check(out, settings, restart)
+    except runs.RunFolderError as err:
+        _fail("--out", str(err))
+    waits = strategy == "multiworker" or (
+        strategy == "data_parallel" and os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES")
+    )
+    joined_fd = os.environ.pop(_JOINED_FD, None)
+    if joined_fd is not None:
+        # Set here rather than between fork and exec, which is unsafe in a
+        # process running TensorFlow's threads.
+        _die_with_parent()
+    if waits and joined_fd is None and Path(sys.argv[0]).resolve() == Path(__file__).resolve():
+        # Checked here, so that a malformed cluster is refused in one line.
+        if strategy == "multiworker":
+            _tf_config()
+        else:
+            _jax_processes()
+        raise typer.Exit(_supervise(worker_timeout))
     distribution = _distribution(strategy)
     if not distribution.is_chief:
         out = Path(f"{out}.workertemp_{distribution.worker_id}")
 
     train_ds, info = _load(dataset, "train", data_dir)
-    test_ds, _ = _load(dataset, "test", data_dir)
+    test_ds, test_info = _load(dataset, "test", data_dir)
+    _check_data(dataset, info, test_info)
 
     def batches(ds, **kwargs):
         ds = data.pipeline(ds, batch_size, **kwargs)
@@ -499,30 +673,40 @@ def train(
             metrics=["clean_acc", "vra", "rejection_rate"],
         )
 
-    backup = out / "backup"
-    _repair_backup(backup)
+    try:
+        run = runs.RunFolder.open(out, settings, restart)
+    except runs.RunFolderError as err:
+        _fail("--out", str(err))
     if strategy == "multiworker":
-        _agree_on_backup(distribution.strategy, backup)
-    if backup.exists():
-        print(f"Resuming from {backup}")
-    else:
-        # A new run's TensorBoard curves must not mix with an earlier run's.
-        shutil.rmtree(out / "logs", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    g.fit(
-        batches(train_ds, training=True, augmentation=augmentation, seed=seed),
-        epochs=epochs,
-        shuffle=False,  # the pipeline shuffles
-        verbose=verbose,
-        callbacks=_callbacks(out, epsilon, epsilon_multipliers, trades_multipliers, loss_fn),
-    )
+        _agree_on_backup(distribution.strategy, run)
+    if run.backup_epoch():
+        print(f"Resuming from epoch {run.backup_epoch()} of the run in {out}")
+    fit_callbacks = _callbacks(run, epsilon, epsilon_multipliers, trades_multipliers, loss_fn)
+    try:
+        g.fit(
+            batches(train_ds, training=True, augmentation=augmentation, seed=seed),
+            epochs=epochs,
+            shuffle=False,  # the pipeline shuffles
+            verbose=verbose,
+            callbacks=fit_callbacks + [_Joined(int(joined_fd) if joined_fd else None)],
+        )
+    except runs.Diverged as err:
+        run.mark("diverged", epoch=err.epoch)
+        print(
+            f"Error: {err}; nothing of that epoch was kept. Start over with --restart and other "
+            "settings (a lower --lr, for instance).",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1) from None
 
     evaluations = {}
     for split, ds in (("train", train_ds), ("test", test_ds)):
         logs = g.evaluate(batches(ds, training=False, cache=False), verbose=0, return_dict=True)
         evaluations[split] = {k: float(logs[k]) for k in ("clean_acc", "vra", "rejection_rate", "loss")}
-    g.save(out / "model.keras")
-    g.export(str(out / "saved_model"), verbose=False)
+    with runs.atomic_path(out / "model.keras") as path:
+        g.save(path)
+    with runs.atomic_path(out / "saved_model") as path:
+        g.export(str(path), verbose=False)
 
     with open(out / "history.csv", newline="") as file:
         epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(file)]
@@ -538,10 +722,15 @@ def train(
         "config": config,
         "versions": _versions(),
     }
-    _write_json(out / "results.json", results)
-    shutil.rmtree(backup)
+    runs.write_json(out / "results.json", results)
+    # Finished before the backups go: a kill in between leaves a finished
+    # run, never one that restarts from scratch.
+    run.mark("finished")
+    run.remove_backups()
     if not distribution.is_chief:
-        shutil.rmtree(out)
+        run.discard_outputs()
+        (out / runs.MARKER).unlink()
+        out.rmdir()
         return results
     print(
         f"test: clean accuracy {evaluations['test']['clean_acc']:.4f}, VRA {evaluations['test']['vra']:.4f} "

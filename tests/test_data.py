@@ -97,9 +97,9 @@ def test_load_idx_files(tmp_path, gz):
 
 def test_load_prefers_named_subfolder_and_accepts_dashed_name(tmp_path):
     # Debian installs Fashion-MNIST as .../fashion-mnist/.
-    write_idx_dataset(tmp_path / "fashion-mnist")
+    write_idx_dataset(tmp_path / "small-digits")
     write_idx_dataset(tmp_path, splits=[("train", make_split(3, seed=9))])
-    _, info = data.load("fashion_mnist", "train", data_dir=tmp_path)
+    _, info = data.load("small_digits", "train", data_dir=tmp_path)
     assert info.num_examples == TRAIN_SIZE
 
 
@@ -157,7 +157,7 @@ def test_load_keras_style_npz(tmp_path):
     x_train = rng.integers(0, 256, size=(7, 4, 3, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, size=(2, 4, 3, 3), dtype=np.uint8)
     # keras.datasets.cifar10 stores labels as (N, 1).
-    y_train = np.array([[0], [1], [2], [0], [1], [2], [0]], dtype=np.uint8)
+    y_train = np.array([[0], [1], [2], [3], [4], [5], [0]], dtype=np.uint8)
     y_test = np.array([[6], [1]], dtype=np.uint8)
     np.savez(
         tmp_path / "tiny.npz",
@@ -477,3 +477,32 @@ def test_debian_fashion_mnist(monkeypatch):
         assert x.shape == (256, 28, 28, 1) and y.shape == (256,)
         assert 0.0 <= float(tf.reduce_min(x)) <= float(tf.reduce_max(x)) <= 1
         assert set(y.numpy()) <= set(range(10))
+
+
+# ------------------------------------------------- labels and dataset names
+
+
+def test_known_dataset_name_must_match_its_files(tmp_path):
+    # 5x6 images are not Fashion-MNIST's 28x28x1.
+    write_idx_dataset(tmp_path)
+    with pytest.raises(ValueError, match=r"another dataset.*pass the name"):
+        data.load("fashion_mnist", "train", data_dir=tmp_path)
+
+
+def test_known_dataset_labels_must_be_below_its_classes(tmp_path):
+    images = np.zeros((4, 28, 28), np.uint8)
+    train = (images, np.array([0, 1, 2, 9], np.uint8))
+    test = (images, np.array([0, 1, 255, 3], np.uint8))
+    write_idx_dataset(tmp_path, splits=[("train", train), ("t10k", test)])
+    with pytest.raises(ValueError, match=r"'test' split .* label 255, but 'mnist' has 10 classes"):
+        data.load("mnist", "train", data_dir=tmp_path)
+    write_idx_dataset(tmp_path, splits=[("train", train), ("t10k", (images, np.arange(4, dtype=np.uint8)))])
+    assert data.load("mnist", "test", data_dir=tmp_path)[1].num_classes == 10
+
+
+def test_a_stray_label_does_not_make_new_classes(tmp_path):
+    train = (TRAIN[0], TRAIN[1].copy())
+    train[1][0] = 255
+    write_idx_dataset(tmp_path, splits=[("train", train), ("t10k", TEST)])
+    with pytest.raises(ValueError, match=r"labels up to 255, but no split has label 5"):
+        data.load("digits", "test", data_dir=tmp_path)

@@ -132,11 +132,11 @@ class _Job:
         assert codes == [0, 0], f"exit codes {codes}\n{self.output()}"
 
 
-def _backed_up_epoch(backup, name="training_metadata.json"):
-    try:
-        return json.loads((backup / name).read_text())["epoch"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
+def _backed_up_epoch(backup):
+    """The newest epoch backed up in `backup` (gloro.runs.BackupAndResume
+    renames each whole file into place), 0 if none."""
+    names = (p.name for p in backup.glob("*"))
+    return max((int(m[1]) for m in map(re.compile(r"^epoch_(\d+)\.weights\.h5$").match, names) if m), default=0)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +179,7 @@ def resumed_job(tmp_path_factory):
         job.kill()
     epochs = [_backed_up_epoch(b) for b in backups]
     assert epochs[0] == epochs[1] < EPOCHS, epochs
-    for name in ("latest.weights.h5", "training_metadata.json"):
-        os.replace(backups[1] / f"{name}.bkp", backups[1] / name)
+    (backups[1] / f"epoch_{epochs[1]}.weights.h5").unlink()
     assert _backed_up_epoch(backups[1]) == epochs[0] - 1
 
     restarted = _Job(data_dir, out, root, attempt=1)
@@ -233,3 +232,112 @@ def test_multiworker_model_certifies_as_one_process_would(resumed_job):
         assert report[key] == pytest.approx(results["test"][key], abs=1e-6), key
     assert report["lipschitz_constant"] == pytest.approx(results["lipschitz_constant"])
     assert 0 < report["vra"] <= report["clean_acc"]
+
+
+# ------------------------------------- malformed clusters, missing peers
+
+
+def _train_app():
+    pytest.importorskip("tensorflow")
+    spec = importlib.util.spec_from_file_location("_train_clusters", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train.app
+
+
+def _refused(app, strategy, out, reason):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["--strategy", strategy, "--out", str(out)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and "--strategy" in errors[0] and reason in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.tensorflow
+def test_a_malformed_tf_config_is_refused_in_one_line(tmp_path, monkeypatch):
+    app = _train_app()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            ('{"cluster": ', "not valid JSON"),
+            ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG must be"),
+            ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}', "index 3 is out of range"),
+            ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}', "'chief' is not in"),
+            ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "not a host:port"),
+            (json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}),
+             f"port {port} of this worker's address in TF_CONFIG is in use"),
+        ]
+        for tf_config, reason in cases:
+            monkeypatch.setenv("TF_CONFIG", tf_config)
+            _refused(app, "multiworker", tmp_path / "out", reason)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the JAX test process")
+def test_malformed_jax_process_variables_are_refused_in_one_line(tmp_path, monkeypatch):
+    app = _train_app()
+    cases = [
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "nonsense"}, "not a host:port"),
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1,127.0.0.1:2", "KERAS_DISTRIBUTION_NUM_PROCESSES": "3",
+          "KERAS_DISTRIBUTION_PROCESS_ID": "0"}, "lists 2 address(es)"),
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"},
+         "KERAS_DISTRIBUTION_PROCESS_ID must be a whole number"),
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+          "KERAS_DISTRIBUTION_PROCESS_ID": "2"}, "not below the 2 processes"),
+    ]
+    for variables, reason in cases:
+        for name in ("KERAS_DISTRIBUTION_NUM_PROCESSES", "KERAS_DISTRIBUTION_PROCESS_ID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        _refused(app, "data_parallel", tmp_path / "out", reason)
+
+
+@pytest.mark.tensorflow
+def test_a_missing_peer_times_out_and_sigterm_stops_a_waiting_worker(tmp_path):
+    """Two lone workers of two-worker clusters whose peer never starts: one
+    ends after --worker-timeout, the other is sent SIGTERM while it waits."""
+    data_dir = tmp_path / "data"
+    (data_dir / "synthetic").mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        _write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", np.zeros((8, 8, 8), np.uint8))
+        _write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(8, dtype=np.uint8) % 2)
+    processes = []
+    for name, timeout in (("timeout", "5"), ("sigterm", "600")):
+        ports = _free_ports(2)
+        tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                "task": {"type": "worker", "index": 0}})
+        command = [sys.executable, str(TRAIN), "--strategy", "multiworker", "--dataset", "synthetic",
+                   "--data-dir", str(data_dir), "--out", str(tmp_path / name), "--architecture", "mlp",
+                   "--epochs", "1", "--verbose", "0", "--worker-timeout", timeout]
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=_env(TF_CONFIG=tf_config, KERAS_BACKEND="tensorflow")))
+    timed_out, terminated = processes
+    try:
+        # The supervised worker is started, imports TensorFlow and waits.
+        deadline = time.monotonic() + 120
+        children = Path(f"/proc/{terminated.pid}/task/{terminated.pid}/children")
+        while not children.read_text().split():
+            assert terminated.poll() is None and time.monotonic() < deadline, terminated.communicate()
+            time.sleep(0.2)
+        (worker,) = map(int, children.read_text().split())
+        time.sleep(15)
+        terminated.terminate()
+        _, stderr = terminated.communicate(timeout=10)
+        assert terminated.returncode == 128 + 15, stderr
+        assert not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text()
+
+        _, stderr = timed_out.communicate(timeout=120)
+        errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+        assert timed_out.returncode == 1, stderr[-3000:]
+        assert errors == [line for line in errors if "did not all join within 5 s (--worker-timeout)" in line]
+        assert len(errors) == 1, stderr[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()

@@ -232,6 +232,12 @@ def test_certify_measures_what_train_reported(trained, data_dir):
     assert (out / "radius_curve.png").stat().st_size > 0
 
 
+def _backups(out):
+    """The epochs backed up whole in `out` (not `epoch_<n>.partial.weights.h5`)."""
+    names = (p.name for p in (out / "backup").glob("*"))
+    return [int(m[1]) for m in map(re.compile(r"^epoch_(\d+)\.weights\.h5$").match, names) if m]
+
+
 def test_killed_training_resumes(data_dir, tmp_path):
     epochs, steps = 8, 32
     args = [
@@ -250,17 +256,16 @@ def test_killed_training_resumes(data_dir, tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        train = _load_module(TRAIN)
-        # Killed once a backup is complete: a kill while Keras writes it is
-        # test_a_backup_cut_short_falls_back_to_the_previous_one's case.
-        while not train._backed_up_epoch(tmp_path / "backup" / "training_metadata.json"):
+        # Backups appear whole (tests/test_runs.py kills at every file
+        # operation); this kill lands mid-training, at a real instant.
+        while not _backups(tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, "no epoch was backed up"
             time.sleep(0.02)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert not (tmp_path / "results.json").exists()
-    backed_up = json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"]
+    backed_up = max(_backups(tmp_path))
     assert 1 <= backed_up < epochs, "training finished before it was killed"
     before = _history(tmp_path)
     # A kill can also land between logging an epoch and backing it up: fake
@@ -300,25 +305,6 @@ def test_killed_training_resumes(data_dir, tmp_path):
         [results["test"][k] for k in ("clean_acc", "vra", "rejection_rate")],
         atol=1e-6,
     )
-
-
-@pytest.mark.parametrize("previous", [True, False])
-def test_a_backup_cut_short_falls_back_to_the_previous_one(previous, tmp_path, capsys):
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    (backup / "latest.weights.h5").write_bytes(b"epoch 3")
-    (backup / "training_metadata.json").write_text("")   # killed while Keras wrote it
-    if previous:
-        (backup / "latest.weights.h5.bkp").write_bytes(b"epoch 2")
-        (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": 0}')
-    _load_module(TRAIN)._repair_backup(backup)
-    if previous:
-        assert (backup / "latest.weights.h5").read_bytes() == b"epoch 2"
-        assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-        assert "resuming from the one before it" in capsys.readouterr().out
-    else:
-        assert not backup.exists()
-        assert "starting over" in capsys.readouterr().out
 
 
 def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
@@ -369,9 +355,26 @@ def _load_module(script):
         (["--architecture", "mlp", "--width", "8"], "--width"),
         (["--architecture", "liresnet", "--width", "5"], "--width"),
         (["--architecture", "liresnet", "--depth", "-1"], "--depth"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--batch-size", "99999999999999999999"], "--batch-size"),
+        (["--epsilon", "1e39"], "--epsilon"),
+        (["--lr", "1e39"], "--lr"),
+        (["--worker-timeout", "0"], "--worker-timeout"),
+        (["--worker-timeout", "inf"], "--worker-timeout"),
+        (["--out", "{tmp}/file"], "--out"),
+        (["--out", "/proc/gloro"], "--out"),
+        (["--out", "{tmp}/file/below"], "--out"),
     ],
 )
 def test_train_rejects_bad_flags(args, flag, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--out" in args:
+        result = CliRunner().invoke(_load_module(TRAIN).app, [*args, "--data-dir", str(tmp_path)])
+        _assert_one_line_error(result.exit_code, result.output, flag)
+        assert (tmp_path / "file").read_text() == "a file, not a folder"
+        return
     result = CliRunner().invoke(
         _load_module(TRAIN).app, [*args, "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
     )
@@ -386,6 +389,9 @@ def test_train_rejects_bad_flags(args, flag, tmp_path):
         (["--model", "{run}/model.keras", "--dataset", "no_such_dataset"], "--dataset"),
         (["--model", "{run}/model.keras", "--split", "validation"], "--split"),
         (["--model", "{run}/model.keras", "--audit", "-1"], "--audit"),
+        (["--model", "{run}/model.keras", "--epsilon", "1e39"], "--epsilon"),
+        (["--model", "{run}/model.keras", "--split", "test[:0]"], "--split"),
+        (["--model", "{run}/model.keras", "--out", "{run}/results.json"], "--out"),
     ],
 )
 def test_certify_rejects_bad_flags(args, flag, trained, data_dir):
@@ -394,6 +400,7 @@ def test_certify_rejects_bad_flags(args, flag, trained, data_dir):
         args += ["--dataset", "synthetic"]
     result = CliRunner().invoke(_load_module(CERTIFY).app, args)
     _assert_one_line_error(result.exit_code, result.output, flag)
+    assert not list(trained.glob("certify_*"))
 
 
 def _assert_one_line_error(exit_code, output, flag, reason=""):
@@ -496,7 +503,130 @@ def test_help_lists_every_flag_with_its_default(script):
         text = entries[f"--{name.replace('_', '-')}"]
         if parameter.default is inspect.Parameter.empty:
             assert "[required]" in text, name
-        elif parameter.default is None:
+        elif parameter.default is None or isinstance(parameter.default, bool):
+            # A flag without a value shows its default in parentheses, as
+            # flags whose default is worked out do.
             assert "[default: (" in text, name
         else:
             assert f"default: {parameter.default}" in text, name
+
+
+# ------------------------------------------------ the output folder and reruns
+
+
+def test_train_refuses_a_folder_it_did_not_write(data_dir, tmp_path):
+    for name in ("logs/notes.txt", "backup/thesis.tex"):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_text(name)
+    for out in (tmp_path, tmp_path / "backup"):
+        result = CliRunner().invoke(
+            _load_module(TRAIN).app, [*TRAIN_FLAGS, "--data-dir", str(data_dir), "--out", str(out), "--restart"]
+        )
+        _assert_one_line_error(result.exit_code, result.output, "--out", "holds files that no gloro run wrote")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "backup", "backup/thesis.tex", "logs", "logs/notes.txt"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        ([], "holds a finished run"),
+        (["--epochs", "4"], "epochs is 4 but the run in"),
+        (["--activation", "relu"], "activation is 'relu' but the run in"),
+        (["--architecture", "liresnet", "--depth", "3"], "architecture is 'liresnet'"),
+    ],
+)
+def test_a_rerun_of_a_finished_run_changes_nothing(args, reason, trained, data_dir):
+    before = {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(
+        _load_module(TRAIN).app,
+        [*TRAIN_FLAGS, "--epochs", "2", "--batch-size", "32", "--data-dir", str(data_dir), "--out", str(trained), *args],
+    )
+    _assert_one_line_error(result.exit_code, result.output, "--out", reason)
+    assert "--restart" in result.output
+    assert {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()} == before
+
+
+def test_a_diverged_run_is_not_resumed_and_restart_keeps_other_files(data_dir, tmp_path):
+    flags = [*TRAIN_FLAGS, "--architecture", "mlp", "--epochs", "1", "--batch-size", "256",
+             "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    app = _load_module(TRAIN).app
+    diverged = CliRunner().invoke(app, [*flags, "--optimizer", "sgd", "--lr", "1e30"])
+    assert diverged.exit_code == 1, diverged.output
+    assert "diverged in epoch 1" in diverged.output
+    assert not list(tmp_path.glob("backup/*")) and not (tmp_path / "model.keras").exists()
+    marker = json.loads((tmp_path / "gloro_run.json").read_text())
+    assert marker["state"] == "diverged"
+    (tmp_path / "notes.txt").write_text("mine")
+
+    again = CliRunner().invoke(app, [*flags, "--optimizer", "sgd", "--lr", "1e30"])
+    _assert_one_line_error(again.exit_code, again.output, "--out", "diverged")
+    fixed = CliRunner().invoke(app, [*flags, "--restart"])
+    assert fixed.exit_code == 0, fixed.output
+    restarted = json.loads((tmp_path / "gloro_run.json").read_text())
+    assert restarted["state"] == "finished" and restarted["run_id"] != marker["run_id"]
+    assert restarted["settings"]["lr"] == 1e-3
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert np.isfinite(json.loads((tmp_path / "results.json").read_text())["test"]["loss"])
+
+
+# ------------------------------------------------------------- data checks
+
+
+def _idx_folder(folder, train, test):
+    folder.mkdir(parents=True)
+    for prefix, (images, labels) in (("train", train), ("t10k", test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+
+
+def _split(n, size=28, classes=10):
+    return np.zeros((n, size, size), np.uint8), np.arange(n) % classes
+
+
+@pytest.mark.parametrize(
+    "name, train, test, reason",
+    [
+        ("synthetic", _split(20), (_split(20)[0], np.r_[np.arange(19) % 10, 255]), "no split has label 10"),
+        ("synthetic", _split(20), _split(20, size=14), "test images (14, 14, 1)"),
+        ("synthetic", (np.zeros((0, 28, 28)), np.zeros(0)), _split(20, classes=3), "'train' split of synthetic has no"),
+        ("cifar10", _split(20), _split(20), "another dataset"),
+        ("mnist", _split(20), (_split(20)[0], np.r_[np.arange(19) % 10, 10]), "label 10, but 'mnist' has 10"),
+    ],
+    ids=["stray-label", "shapes", "empty-train", "wrong-name", "known-classes"],
+)
+def test_train_checks_the_data_before_training(name, train, test, reason, tmp_path):
+    _idx_folder(tmp_path / "data", train, test)
+    result = CliRunner().invoke(
+        _load_module(TRAIN).app,
+        ["--dataset", name, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+    )
+    _assert_one_line_error(result.exit_code, result.output, "--dataset", reason)
+    assert not (tmp_path / "out").exists()
+
+
+def test_certify_checks_the_classes_against_the_model(trained, tmp_path):
+    _idx_folder(tmp_path / "synthetic", _split(22, classes=11), _split(22, classes=11))
+    result = CliRunner().invoke(
+        _load_module(CERTIFY).app,
+        ["--model", str(trained / "model.keras"), "--dataset", "synthetic", "--data-dir", str(tmp_path),
+         "--out", str(tmp_path / "out")],
+    )
+    _assert_one_line_error(result.exit_code, result.output, "--dataset", "has 11 classes, the model 10")
+    assert not (tmp_path / "out").exists()
+
+
+def test_certify_never_reads_a_label_as_bottom(trained, tmp_path, monkeypatch):
+    # Metadata that undercounts the classes: label 10 would pick column 10, ⊥.
+    def load(name, split, data_dir=None):
+        ds = tf.data.Dataset.from_tensor_slices((np.zeros((2, 28, 28, 1), np.float32), np.array([3, 10])))
+        return ds, data.DatasetInfo(name, split, 10, (28, 28, 1), 2)
+
+    monkeypatch.setattr(data, "load", load)
+    result = CliRunner().invoke(
+        _load_module(CERTIFY).app,
+        ["--model", str(trained / "model.keras"), "--out", str(tmp_path / "out"), "--verbose", "0"],
+    )
+    _assert_one_line_error(result.exit_code, result.output, "--dataset", "label 10, outside the model's classes 0 to 9")
+    assert not (tmp_path / "out" / "certify.json").exists() and not (tmp_path / "out" / "examples.csv").exists()
