@@ -1,0 +1,96 @@
+"""The torch backend: eager functions, `torch.autograd` input gradients, and
+the GloRo logs on Keras' torch train and test steps.
+
+On this backend a GloroNet is a `torch.nn.Module` whose Keras variables are
+its `parameters()`, so it also trains in a plain PyTorch loop (README,
+"Backends").
+
+Example:
+
+```python
+from gloro import backend   # picks this module when KERAS_BACKEND=torch
+
+grad = backend.value_and_grad(lambda x: x ** 2)
+y, dy = grad(x)             # dy == 2 * x
+```
+"""
+
+import keras
+import numpy as np
+import torch
+from keras import ops
+
+
+def compiled(fn):
+    """A pure function of tensors, run eagerly.
+
+    `torch.compile` would recompile per input shape and pay seconds of
+    compilation for kernels that take milliseconds (a power-iteration
+    refresh, one PGD batch); eager torch runs them at full speed. NumPy
+    arguments become tensors first, as `tf.function` and `jax.jit` convert
+    them, so callers pass the same arguments on every backend.
+
+    Args:
+        fn: a function whose result depends only on its tensor arguments.
+
+    Returns:
+        a function with `fn`'s arguments and result.
+    """
+
+    def eager(*args):
+        return fn(*keras.tree.map_structure(_tensor, args))
+
+    return eager
+
+
+def _tensor(value):
+    return ops.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+
+def value_and_grad(fn):
+    """Input gradient of a batched function.
+
+    Args:
+        fn: maps a tensor `x` to a tensor `y` (any shape).
+
+    Returns:
+        a function `x -> (y, g)` where `g` is the gradient of `sum(y)` with
+        respect to `x` (for row-wise `fn`, each row's own gradient); `y` is
+        detached from the graph.
+    """
+
+    def torch_value_and_grad(x):
+        x = ops.convert_to_tensor(x).detach().requires_grad_(True)
+        # Keras runs `predict` and `evaluate` under `torch.no_grad()`; the
+        # gradient is wanted wherever this is called from.
+        with torch.enable_grad():
+            y = fn(x)
+            if not y.requires_grad:
+                return y, torch.zeros_like(x)
+            (grad,) = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), allow_unused=True)
+        return y.detach(), torch.zeros_like(x) if grad is None else grad
+
+    return torch_value_and_grad
+
+
+class GloroSteps:
+    """Adds the GloRo logs to Keras' torch train and test steps.
+
+    Keras' torch `train_step` is the pattern its guide documents for torch
+    (`zero_grad()`, the forward pass with `training=True`, `compute_loss`,
+    `loss.backward()`, `optimizer.apply` under `torch.no_grad()`, the
+    metrics); `GloroNet.compute_loss` hands the margin constants of that
+    forward pass to a loss that reads them (EMMA). The logs are read with
+    no autograd graph. Keras' torch loops update the variables in place, so
+    a loop that fails half-way leaves the model as its last step left it.
+    """
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        with torch.no_grad():
+            extra = self._lipschitz_logs(self._estimate_tensor())
+        return {**logs, **extra}
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        return {**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))}
