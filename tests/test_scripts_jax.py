@@ -1,5 +1,5 @@
-"""scripts/train.py and scripts/certify.py on JAX, in the JAX test process
-(their input pipeline is tf.data, so TensorFlow must be installed)."""
+"""scripts/train.py and scripts/certify.py on JAX and torch, in those test
+processes (their input pipeline is tf.data, so TensorFlow must be installed)."""
 
 import json
 
@@ -11,13 +11,15 @@ pytest.importorskip("tensorflow")
 
 from test_scripts import CERTIFY, TRAIN, TRAIN_FLAGS, _test_metrics, data_dir, invoke  # noqa: E402, F401
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the JAX test process")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="runs in the JAX and torch test processes"
+)
 
 
-def test_scripts_run_on_jax(data_dir, tmp_path):  # noqa: F811
+def test_scripts_run_on_this_backend(data_dir, tmp_path):  # noqa: F811
     invoke(TRAIN, *TRAIN_FLAGS, "--epochs", 1, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["versions"]["keras_backend"] == "jax"
+    assert results["versions"]["keras_backend"] == keras.backend.backend()
 
     invoke(CERTIFY, "--model", tmp_path / "model.keras", "--dataset", "synthetic", "--data-dir", data_dir,
            "--audit", 5, "--verbose", 0)

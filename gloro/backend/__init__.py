@@ -8,12 +8,15 @@ as Keras chooses its own backend modules. Each exposes the same interface:
 - `compiled(fn)`: compiles a pure function of tensors (`tf.function`,
   `jax.jit`; run eagerly on torch);
 - `value_and_grad(fn)`: the input gradient of a batched function;
+- `top_k(x, k)`: `keras.ops.top_k` with ties in the order of their indices;
+- `average_pooling_replicates_edges(...)`: which linear map Keras' 2-D
+  average pooling is on this backend, for its guaranteed bound;
 - `GloroSteps`: a mixin that `GloroNet` inherits before `keras.Model`,
   adding the GloRo logs to Keras' own train and test steps in the pattern
   of that backend's trainer, and whatever the backend's training loops need
   so that a GloroNet survives them.
 
-Adding a backend means adding one module with these three names. Only this
+Adding a backend means adding one module with these five names. Only this
 package names a backend; `require_tensorflow` serves the TensorFlow-only
 features (SavedModel export, `gloro.data`) on every backend.
 
@@ -49,6 +52,8 @@ _impl = importlib.import_module(f"gloro.backend.{name()}")
 
 compiled = _impl.compiled
 value_and_grad = _impl.value_and_grad
+top_k = _impl.top_k
+average_pooling_replicates_edges = _impl.average_pooling_replicates_edges
 GloroSteps = _impl.GloroSteps
 
 

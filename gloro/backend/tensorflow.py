@@ -50,6 +50,38 @@ def value_and_grad(fn):
     return tf_value_and_grad
 
 
+def average_pooling_replicates_edges(pool_size, strides, padding, input_shape):
+    """Whether Keras' 2-D average pooling here averages repeated edge inputs.
+
+    On this backend a "same" window is divided by the number of real inputs
+    it covers, and padding adds nothing.
+
+    Args:
+        pool_size, strides, padding, input_shape: as for
+            `gloro.lipschitz.average_pooling_bound`.
+
+    Returns:
+        False.
+    """
+    return False
+
+
+def top_k(x, k):
+    """The `k` largest values along the last axis and their indices.
+
+    Equal values come in the order of their indices, as TensorFlow and JAX
+    document for their `top_k`.
+
+    Args:
+        x: tensor `(..., m)`.
+        k: int, `1 <= k <= m`.
+
+    Returns:
+        `(values, indices)`, each `(..., k)`.
+    """
+    return ops.top_k(x, k)
+
+
 class GloroSteps:
     """Adds the GloRo logs to Keras' TensorFlow train and test steps.
 

@@ -73,6 +73,54 @@ def value_and_grad(fn):
     return torch_value_and_grad
 
 
+def average_pooling_replicates_edges(pool_size, strides, padding, input_shape):
+    """Whether Keras' 2-D average pooling here averages repeated edge inputs.
+
+    Keras (3.15) on torch pools a "same" input whose padding is uneven on
+    some axis (one more position after than before) by first padding every
+    axis with copies of the edge inputs, then dividing each window by its
+    full size; with even padding it leaves the padding out of the average,
+    as TensorFlow and JAX always do. The two are different linear maps,
+    with different norms, so the guaranteed bound must know which one runs.
+
+    Args:
+        pool_size: `(ph, pw)` or an int.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        input_shape: `(h, w, c)`.
+
+    Returns:
+        bool.
+    """
+    if padding.lower() != "same":
+        return False
+    pools = pool_size if isinstance(pool_size, (tuple, list)) else (pool_size, pool_size)
+    steps = strides if isinstance(strides, (tuple, list)) else (strides, strides)
+    for size, pool, stride in zip(input_shape[:2], pools, steps):
+        out = -(-size // stride)
+        if max((out - 1) * stride + pool - size, 0) % 2:
+            return True
+    return False
+
+
+def top_k(x, k):
+    """The `k` largest values along the last axis and their indices.
+
+    Equal values come in the order of their indices, as on TensorFlow and
+    JAX: `torch.topk` (Keras' `ops.top_k` here) leaves the order of ties
+    unspecified, a stable descending sort does not.
+
+    Args:
+        x: tensor `(..., m)`.
+        k: int, `1 <= k <= m`.
+
+    Returns:
+        `(values, indices)`, each `(..., k)`.
+    """
+    values, indices = torch.sort(ops.convert_to_tensor(x), dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 class GloroSteps:
     """Adds the GloRo logs to Keras' torch train and test steps.
 
