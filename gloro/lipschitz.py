@@ -472,7 +472,8 @@ class DenseOperator:
 
     def stop_gradient(self):
         """The same operator with its kernel cut from the gradient."""
-        return DenseOperator(keras.ops.stop_gradient(self.kernel))
+        # A tensor first: Keras' torch stop_gradient takes no NumPy array.
+        return DenseOperator(keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)))
 
 
 def _dilate_ops(kernel, dilation_rate):
@@ -548,7 +549,7 @@ class ConvOperator:
     def stop_gradient(self):
         """The same operator with its kernel cut from the gradient."""
         return ConvOperator(
-            keras.ops.stop_gradient(self.kernel),
+            keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)),
             self.input_shape,
             self.strides,
             self.padding,
@@ -592,7 +593,7 @@ def power_step(operator, v, iterations=1):
         stopped).
     """
     frozen = operator.stop_gradient()
-    v = keras.ops.stop_gradient(v)
+    v = keras.ops.stop_gradient(keras.ops.convert_to_tensor(v))
     for _ in range(iterations):
         v = _normalize(frozen.transpose(frozen.apply(v)), v)
     v = keras.ops.stop_gradient(v)
