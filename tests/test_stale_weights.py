@@ -91,7 +91,7 @@ def load_inner_weights(g, tmp_path):
 def optimizer_loop(g):
     optimizer = keras.optimizers.SGD(1.0)
     rng = np.random.default_rng(6)
-    grads = [rng.normal(size=v.shape).astype("float32") for v in g.f.trainable_variables]
+    grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in g.f.trainable_variables]
     optimizer.apply(grads, g.f.trainable_variables)
 
 

@@ -15,6 +15,11 @@ y, dy = grad(x)             # dy == 2 * x
 ```
 """
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import keras
 import numpy as np
 import torch
@@ -142,3 +147,42 @@ class GloroSteps:
     def test_step(self, data):
         logs = super().test_step(data)
         return {**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))}
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, **kwargs):
+        """`keras.Model.export`; a TensorFlow SavedModel is written by the
+        TensorFlow backend, in a subprocess.
+
+        Keras (3.15) exports a SavedModel from torch through `torch_xla` and
+        `torch.export`, which fails with torch 2.13 even for a plain Keras
+        model. The `.keras` file carries the weights, and `gloro.load_model`
+        recomputes the same constants from them on TensorFlow, so the
+        SavedModel is the one TensorFlow would export for this model.
+        """
+        if format != "tf_saved_model":
+            return super().export(filepath, format=format, verbose=verbose, **kwargs)
+        if kwargs:
+            raise TypeError(
+                f"On the torch backend GloroNet.export writes the SavedModel with TensorFlow and takes "
+                f"only `filepath` and `verbose`, not {sorted(kwargs)}."
+            )
+        import gloro
+
+        with tempfile.TemporaryDirectory() as folder:
+            model = os.path.join(folder, "model.keras")
+            self.save(model)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(gloro.__file__)))
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            # Keras exports only a model that has been called.
+            code = (
+                "import sys, numpy as np, gloro\n"
+                "g = gloro.load_model(sys.argv[1])\n"
+                "g.predict(np.zeros((1,) + tuple(g.f.input_shape[1:]), 'float32'), verbose=0)\n"
+                "g.export(sys.argv[2], verbose=sys.argv[3] == 'True')\n"
+            )
+            result = subprocess.run([sys.executable, "-c", code, model, os.fspath(filepath), str(bool(verbose))],
+                                    env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"Exporting the SavedModel on the TensorFlow backend failed:\n{result.stderr[-2000:]}")
+        if verbose:
+            print(result.stdout, end="")
