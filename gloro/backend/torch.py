@@ -29,9 +29,10 @@ from keras import ops
 def compiled(fn):
     """A pure function of tensors, run eagerly.
 
-    `torch.compile` would recompile per input shape and pay seconds of
-    compilation for kernels that take milliseconds (a power-iteration
-    refresh, one PGD batch); eager torch runs them at full speed. NumPy
+    Keras runs torch eagerly by default, and so does gloro: `torch.compile`
+    would compile again for every new input shape, at a cost of seconds, for
+    functions that run in milliseconds (a power-iteration refresh, one PGD
+    batch). NumPy
     arguments become tensors first, as `tf.function` and `jax.jit` convert
     them, so callers pass the same arguments on every backend.
 
