@@ -65,7 +65,8 @@ def test_fit_that_fails_keeps_the_steps_it_finished(data):
     start = g.get_weights()
     with pytest.raises(Exception, match=FAILURE):
         g.fit(source(x, y, batches=3), epochs=1, steps_per_epoch=6, verbose=0)
-    assert int(keras.ops.convert_to_numpy(g.optimizer.iterations)) == 3
+    # (The optimizer's step counter is no witness: on TensorFlow it also
+    # counts the step whose batch never came.)
 
     # The same three steps, with a source that ends instead of failing.
     finished = make_net()
