@@ -23,8 +23,8 @@ the same residual network written in plain Keras: each block
 `conv(x; I + W) + b` becomes `x + conv(x; W) + b` (a `keras.layers.Conv2D`
 and an `Add`), with the same weights.
 
-Runs on the Keras backend of the process (KERAS_BACKEND=tensorflow or jax);
-both feed tf.data pipelines. The TF allocator figures and the ablations are
+Runs on the Keras backend of the process (KERAS_BACKEND=tensorflow, jax or
+torch); all three feed tf.data pipelines. The TF allocator figures and the ablations are
 TensorFlow-only.
 
 Usage (from the repository root):
@@ -32,6 +32,7 @@ Usage (from the repository root):
     python benchmarks/run.py --quick          # smoke check, under ~2 minutes
     python benchmarks/run.py                  # full run, writes benchmarks/results.json
     KERAS_BACKEND=jax python benchmarks/run.py   # writes benchmarks/results_jax.json
+    KERAS_BACKEND=torch python benchmarks/run.py --sections train,certify,stale   # results_torch.json
     python benchmarks/run.py --ablations      # also: where the time goes (TensorFlow)
     python benchmarks/run.py --networks liresnet --sections train,memory --out benchmarks/liresnet.json
 
@@ -1081,6 +1082,14 @@ def main(argv=None):
         # Keras' own choice on JAX: every step is compiled.
         args.jit = True
         versions = {"jax": jax.__version__, "tensorflow (tf.data only)": tf.__version__}
+    elif backend == "torch":
+        import torch
+
+        if args.intra_op or args.inter_op:
+            raise SystemExit("--intra-op/--inter-op set TensorFlow's thread pools; torch has its own")
+        if args.jit:
+            raise SystemExit("--jit is XLA on TensorFlow; Keras runs torch eagerly by default, as measured here")
+        versions = {"torch": torch.__version__, "tensorflow (tf.data only)": tf.__version__}
     else:
         versions = {"tensorflow": tf.__version__}
     if args.out is None:

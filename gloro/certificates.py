@@ -34,6 +34,8 @@ classes strictly above it are exactly the certified set (`certified_top_k`).
 import numpy as np
 from keras import ops
 
+from gloro import backend
+
 # Far above float32 rounding of one multiply-add (2**-24), far below any
 # margin that matters.
 MARGIN_SLACK = 2.0**-20
@@ -182,9 +184,9 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
         if affinity.ndim != 2 or affinity.shape[1] != m:
             raise ValueError(f"affinity must be a 0/1 matrix of shape (s, {m}), got shape {affinity.shape}.")
         affinity = ops.convert_to_tensor(affinity.astype(bool))
-    # top_k orders equal logits by index, so membership never depends on
-    # comparing logit values.
-    ranked, order = ops.top_k(logits, k + 1)
+    # backend.top_k orders equal logits by index on every backend, so
+    # membership never depends on comparing logit values.
+    ranked, order = backend.top_k(logits, k + 1)
     # competitors[:, j, i] = f_i + epsilon * K[j, i], as in add_bottom_logit.
     competitors = logits[:, None, :] + epsilon * margin_lipschitz[None, :, :]
     classes = ops.arange(m, dtype="int32")

@@ -35,6 +35,8 @@ import math
 import keras
 import numpy as np
 
+from gloro import backend
+
 SAFETY_FACTOR = 1.0 + 1e-5
 
 # Above this many input (or output) dimensions, materialising a convolution as
@@ -298,19 +300,26 @@ def conv_bound(kernel, input_shape, strides, padding, dilation_rate):
     return inflate(bound)
 
 
-def _average_pooling_matrix_1d(size, pool, stride, padding):
+def _average_pooling_matrix_1d(size, pool, stride, padding, replicate_edges=False):
     """The averaging matrix `(out, size)` of 1-D average pooling.
 
     Each window is divided by the number of real (non-padding) inputs it
-    covers, as Keras' average pooling does with "same" padding on every
-    backend; "valid" windows are always full.
+    covers, as Keras' average pooling does with "same" padding on TensorFlow
+    and JAX; "valid" windows are always full. With `replicate_edges` (Keras
+    on torch, see `gloro.backend.average_pooling_replicates_edges`) every
+    padding position repeats the nearest edge input and each window is
+    divided by its full size.
     """
     out, pad_before = _window_geometry(size, pool, stride, padding)
     matrix = np.zeros((out, size))
     for i in range(out):
         start = i * stride - pad_before
-        lo, hi = max(start, 0), min(start + pool, size)
-        matrix[i, lo:hi] = 1.0 / (hi - lo)
+        if replicate_edges:
+            for position in range(start, start + pool):
+                matrix[i, min(max(position, 0), size - 1)] += 1.0 / pool
+        else:
+            lo, hi = max(start, 0), min(start + pool, size)
+            matrix[i, lo:hi] = 1.0 / (hi - lo)
     return matrix
 
 
@@ -333,9 +342,11 @@ def average_pooling_bound(pool_size, strides, padding, input_shape):
     Returns:
         float.
     """
+    # The operator Keras applies on this process's backend.
+    replicate = backend.average_pooling_replicates_edges(pool_size, strides, padding, input_shape)
     norm = 1.0
     for size, pool, stride in zip(input_shape[:2], _pair(pool_size), _pair(strides)):
-        norm *= _matrix_norm(_average_pooling_matrix_1d(size, pool, stride, padding))
+        norm *= _matrix_norm(_average_pooling_matrix_1d(size, pool, stride, padding, replicate))
     return inflate(norm)
 
 
@@ -461,7 +472,8 @@ class DenseOperator:
 
     def stop_gradient(self):
         """The same operator with its kernel cut from the gradient."""
-        return DenseOperator(keras.ops.stop_gradient(self.kernel))
+        # A tensor first: Keras' torch stop_gradient takes no NumPy array.
+        return DenseOperator(keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)))
 
 
 def _dilate_ops(kernel, dilation_rate):
@@ -537,7 +549,7 @@ class ConvOperator:
     def stop_gradient(self):
         """The same operator with its kernel cut from the gradient."""
         return ConvOperator(
-            keras.ops.stop_gradient(self.kernel),
+            keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)),
             self.input_shape,
             self.strides,
             self.padding,
@@ -581,7 +593,7 @@ def power_step(operator, v, iterations=1):
         stopped).
     """
     frozen = operator.stop_gradient()
-    v = keras.ops.stop_gradient(v)
+    v = keras.ops.stop_gradient(keras.ops.convert_to_tensor(v))
     for _ in range(iterations):
         v = _normalize(frozen.transpose(frozen.apply(v)), v)
     v = keras.ops.stop_gradient(v)

@@ -92,71 +92,9 @@ def _all_equal(tensors, others):
 DEFAULT_POWER_ITERATIONS = 8
 
 
-if backend.name() == "jax":
-
-    class _GloroSteps:
-        """Adds the GloRo logs to Keras' stateless JAX train and test steps.
-
-        The variables hold stale values inside a JAX step, so the logs are
-        read from the step's new state through a `keras.StatelessScope`.
-        """
-
-        def train_step(self, state, data):
-            logs, state = super().train_step(state, data)
-            with self._state_scope(state[0], state[1]):
-                extra = self._lipschitz_logs(self._estimate_tensor())
-            return {**logs, **extra}, state
-
-        def test_step(self, state, data):
-            logs, state = super().test_step(state, data)
-            with self._state_scope(state[0], state[1]):
-                extra = self._lipschitz_logs(ops.max(self._margin_lipschitz))
-            return {**logs, **extra}, state
-
-        def _state_scope(self, trainable, non_trainable):
-            mapping = list(zip(self.trainable_variables, trainable))
-            mapping += list(zip(self.non_trainable_variables, non_trainable))
-            return keras.StatelessScope(state_mapping=mapping)
-
-else:
-
-    class _GloroSteps:
-        """Adds the GloRo logs to Keras' train and test steps."""
-
-        def train_step(self, data):
-            logs = super().train_step(data)
-            return self._reducible({**logs, **self._lipschitz_logs(self._estimate_tensor())})
-
-        def test_step(self, data):
-            logs = super().test_step(data)
-            return self._reducible({**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))})
-
-        def _reducible(self, logs):
-            # Keras (3.15) averages a step's logs over the workers of a
-            # MultiWorkerMirroredStrategy with `strategy.reduce(..., axis=0)`,
-            # which fails on scalars (keras-team/keras#20585): give every log
-            # a leading axis, which that reduction removes.
-            import tensorflow as tf
-
-            strategy = self.distribute_strategy
-            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
-                return {key: ops.expand_dims(value, 0) for key, value in logs.items()}
-            return logs
-
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            # Keras (3.15) builds the model and metrics under a tf.distribute
-            # strategy from a first batch that it averages over the replicas
-            # with `strategy.reduce`, which fails for a tuple of per-replica
-            # values once MultiWorkerMirroredStrategy has several workers
-            # (keras-team/keras#20585). Only the batch's shapes and dtypes
-            # are used, so this worker's first replica's batch serves.
-            if iterator is not None and self._distribute_strategy is not None:
-                for _, _, batches in iterator:
-                    local = self._distribute_strategy.experimental_local_results
-                    data_batch = keras.tree.map_structure(lambda v: local(v)[0], next(batches))
-                    break
-                iterator = None
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+# Keras' train and test steps with the GloRo logs, in the pattern of this
+# process's backend (gloro/backend/<name>.py).
+_GloroSteps = backend.GloroSteps
 
 
 @keras.saving.register_keras_serializable(package="gloro")

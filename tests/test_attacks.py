@@ -427,7 +427,9 @@ def test_repeated_calls_reuse_one_trace_without_keeping_the_model_alive():
     for eps in [0.2, 0.3]:
         attacks.pgd_l2(model, x, eps, steps=5, restarts=2)
     attacks.pgd_l2(model, x[:5], 0.1, steps=5, restarts=2)
-    assert len(calls) == traced + 3
+    # torch runs eagerly (gloro/backend/torch.py): there is no trace to reuse.
+    if keras.backend.backend() != "torch":
+        assert len(calls) == traced + 3
 
     alive = weakref.ref(model)
     del model

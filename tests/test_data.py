@@ -15,6 +15,9 @@ tf = pytest.importorskip("tensorflow")
 
 from gloro import data  # noqa: E402
 
+# tf.data is the same on every Keras backend: the TensorFlow pass runs it.
+pytestmark = pytest.mark.backend_neutral
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 TRAIN_SIZE, TEST_SIZE = 12, 5

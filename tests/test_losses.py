@@ -77,6 +77,11 @@ def _gradient(fn, variable):
         with tf.GradientTape() as tape:
             out = fn(variable.value)
         return tape.gradient(out, variable.value)
+    if backend == "torch":
+        import torch
+
+        x = variable.value.detach().requires_grad_(True)
+        return torch.autograd.grad(keras.ops.sum(fn(x)), x)[0]
     import jax
 
     return jax.grad(fn)(variable.value)

@@ -24,6 +24,7 @@ def _cos(v0, v1, u):
     return v1 + (v0 - v1) * (1 + math.cos(math.pi * u)) / 2
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize(
     "spec, t, expected",
     [
@@ -83,6 +84,7 @@ def test_values(spec, t, expected):
     assert value == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize(
     "keyword, equivalent",
     [
@@ -98,6 +100,7 @@ def test_keywords(keyword, equivalent):
         assert s(t) == e(t)
 
 
+@pytest.mark.backend_neutral
 def test_keyword_values():
     assert schedules.parse("fixed")(0.3) == 1.0
     assert schedules.parse("linear")(0.25) == pytest.approx(0.5)
@@ -107,12 +110,14 @@ def test_keyword_values():
     assert schedules.parse("cosine")(1.0) == 0.0
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("t, clamped", [(-1.0, 0.0), (2.0, 1.0), (-math.inf, 0.0)])
 def test_clamps_t(t, clamped):
     s = schedules.parse("[0]-lin-[1]")
     assert s(t) == s(clamped) == clamped
 
 
+@pytest.mark.backend_neutral
 def test_spec_str_repr():
     spec = "[0.01]-log-[50%:1.1]"
     s = schedules.parse(spec)
@@ -121,12 +126,14 @@ def test_spec_str_repr():
     assert repr(s) == f"Schedule(spec={spec!r})"
 
 
+@pytest.mark.backend_neutral
 def test_parse_is_idempotent():
     s = schedules.parse("linear")
     assert schedules.parse(s) is s
     assert isinstance(s, schedules.Schedule)
 
 
+@pytest.mark.backend_neutral
 def test_equality_and_hash():
     assert schedules.parse("[0]-lin-[1]") == schedules.parse("[0]-lin-[1]")
     assert hash(schedules.parse("cosine")) == hash(schedules.parse("cosine"))
@@ -134,12 +141,14 @@ def test_equality_and_hash():
     assert schedules.parse("fixed") != "fixed"
 
 
+@pytest.mark.backend_neutral
 def test_is_immutable():
     s = schedules.parse("fixed")
     with pytest.raises(AttributeError):
         s.spec = "linear"
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize(
     "args, t",
     [
@@ -155,17 +164,20 @@ def test_at(args, t):
     assert s.at(*args) == pytest.approx(t)
 
 
+@pytest.mark.backend_neutral
 def test_at_keywords():
     s = schedules.parse("[0]-lin-[1]")
     assert s.at(1, 5, epochs=2, steps_per_epoch=10) == pytest.approx(0.75)
     assert s.at(1, 5, epochs=2) == pytest.approx(0.5)
 
 
+@pytest.mark.backend_neutral
 def test_at_rejects_no_epochs():
     with pytest.raises(ValueError, match="epochs"):
         schedules.parse("fixed").at(0, 0, 0)
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize(
     "spec, reason",
     [
@@ -217,12 +229,14 @@ def test_malformed(spec, reason):
     assert reason in message
 
 
+@pytest.mark.backend_neutral
 @pytest.mark.parametrize("spec", [None, 1.0, ["fixed"], b"fixed"])
 def test_wrong_type(spec):
     with pytest.raises(TypeError):
         schedules.parse(spec)
 
 
+@pytest.mark.backend_neutral
 def test_no_tensorflow_on_jax():
     # With the JAX backend the schedules (ScheduledLearningRate included)
     # must work where TensorFlow is not installed. The file is loaded on its

@@ -1,5 +1,5 @@
-"""scripts/train.py and scripts/certify.py on JAX, in the JAX test process
-(their input pipeline is tf.data, so TensorFlow must be installed)."""
+"""scripts/train.py and scripts/certify.py on JAX and torch, in those test
+processes (their input pipeline is tf.data, so TensorFlow must be installed)."""
 
 import json
 
@@ -16,14 +16,16 @@ from typer.testing import CliRunner  # noqa: E402
 
 from gloro import runs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the JAX test process")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="runs in the JAX and torch test processes"
+)
 
 
 class _Killed(BaseException):
     """A kill: nothing in Keras catches it."""
 
 
-def test_scripts_run_on_jax(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_scripts_run_on_this_backend(data_dir, tmp_path, monkeypatch):  # noqa: F811
     flags = [*TRAIN_FLAGS, "--epochs", 2, "--batch-size", 64, "--data-dir", data_dir, "--out", tmp_path]
     # Killed right after the first epoch's backup is renamed into place.
     backed_up = runs.BackupAndResume.on_epoch_end
@@ -40,7 +42,7 @@ def test_scripts_run_on_jax(data_dir, tmp_path, monkeypatch):  # noqa: F811
 
     assert "Resuming from epoch 1" in invoke(TRAIN, *flags)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["versions"]["keras_backend"] == "jax"
+    assert results["versions"]["keras_backend"] == keras.backend.backend()
     assert len(results["epoch_seconds"]) == 2 and not (tmp_path / "backup").exists()
     # A finished run is never restarted silently.
     rerun = CliRunner().invoke(_load_module(TRAIN).app, [str(a) for a in flags])

@@ -1,0 +1,133 @@
+"""The TensorFlow backend: `tf.function`, `tf.GradientTape`, and the GloRo
+logs on Keras' TensorFlow train and test steps (including under
+`tf.distribute` strategies).
+
+Example:
+
+```python
+from gloro import backend   # picks this module when KERAS_BACKEND=tensorflow
+
+grad = backend.value_and_grad(lambda x: x ** 2)
+y, dy = grad(x)             # dy == 2 * x
+```
+"""
+
+import contextlib
+import keras
+import tensorflow as tf
+from keras import ops
+
+
+def compiled(fn):
+    """Compiles a pure function of tensors once per input signature.
+
+    Args:
+        fn: a function whose result depends only on its tensor arguments.
+
+    Returns:
+        `tf.function(fn)`.
+    """
+    return tf.function(fn)
+
+
+def value_and_grad(fn):
+    """Input gradient of a batched function.
+
+    Args:
+        fn: maps a tensor `x` to a tensor `y` (any shape).
+
+    Returns:
+        a function `x -> (y, g)` where `g` is the gradient of `sum(y)` with
+        respect to `x` (for row-wise `fn`, each row's own gradient).
+    """
+
+    def tf_value_and_grad(x):
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        return y, tape.gradient(y, x)
+
+    return tf_value_and_grad
+
+
+def average_pooling_replicates_edges(pool_size, strides, padding, input_shape):
+    """Whether Keras' 2-D average pooling here averages repeated edge inputs.
+
+    On this backend a "same" window is divided by the number of real inputs
+    it covers, and padding adds nothing.
+
+    Args:
+        pool_size, strides, padding, input_shape: as for
+            `gloro.lipschitz.average_pooling_bound`.
+
+    Returns:
+        False.
+    """
+    return False
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Float32 matrix products and convolutions: TensorFlow runs float32 in
+    TF32 on recent NVIDIA GPUs by default, and reads the switch when kernels
+    run, process-wide, so it is turned off for the rest of the process."""
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    yield
+
+
+def top_k(x, k):
+    """The `k` largest values along the last axis and their indices.
+
+    Equal values come in the order of their indices, as TensorFlow and JAX
+    document for their `top_k`.
+
+    Args:
+        x: tensor `(..., m)`.
+        k: int, `1 <= k <= m`.
+
+    Returns:
+        `(values, indices)`, each `(..., k)`.
+    """
+    return ops.top_k(x, k)
+
+
+class GloroSteps:
+    """Adds the GloRo logs to Keras' TensorFlow train and test steps.
+
+    `GloroNet` inherits it before `keras.Model`; it reads the model's
+    `_lipschitz_logs`, `_estimate_tensor` and `_margin_lipschitz`.
+    """
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        return self._reducible({**logs, **self._lipschitz_logs(self._estimate_tensor())})
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        return self._reducible({**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))})
+
+    def _reducible(self, logs):
+        # Keras (3.15) averages a step's logs over the workers of a
+        # MultiWorkerMirroredStrategy with `strategy.reduce(..., axis=0)`,
+        # which fails on scalars (keras-team/keras#20585): give every log
+        # a leading axis, which that reduction removes.
+        strategy = self.distribute_strategy
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+            return {key: ops.expand_dims(value, 0) for key, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15) builds the model and metrics under a tf.distribute
+        # strategy from a first batch that it averages over the replicas
+        # with `strategy.reduce`, which fails for a tuple of per-replica
+        # values once MultiWorkerMirroredStrategy has several workers
+        # (keras-team/keras#20585). Only the batch's shapes and dtypes
+        # are used, so this worker's first replica's batch serves.
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, batches in iterator:
+                local = self._distribute_strategy.experimental_local_results
+                data_batch = keras.tree.map_structure(lambda v: local(v)[0], next(batches))
+                break
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

@@ -1,0 +1,203 @@
+"""The torch backend: eager functions, `torch.autograd` input gradients, and
+the GloRo logs on Keras' torch train and test steps.
+
+On this backend a GloroNet is a `torch.nn.Module` whose Keras variables are
+its `parameters()`, so it also trains in a plain PyTorch loop (README,
+"Backends").
+
+Example:
+
+```python
+from gloro import backend   # picks this module when KERAS_BACKEND=torch
+
+grad = backend.value_and_grad(lambda x: x ** 2)
+y, dy = grad(x)             # dy == 2 * x
+```
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import torch
+from keras import ops
+
+
+def compiled(fn):
+    """A pure function of tensors, run eagerly.
+
+    Keras runs torch eagerly by default, and so does gloro: `torch.compile`
+    would compile again for every new input shape, at a cost of seconds, for
+    functions that run in milliseconds (a power-iteration refresh, one PGD
+    batch). NumPy
+    arguments become tensors first, as `tf.function` and `jax.jit` convert
+    them, so callers pass the same arguments on every backend.
+
+    Args:
+        fn: a function whose result depends only on its tensor arguments.
+
+    Returns:
+        a function with `fn`'s arguments and result.
+    """
+
+    def eager(*args):
+        return fn(*keras.tree.map_structure(_tensor, args))
+
+    return eager
+
+
+def _tensor(value):
+    return ops.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+
+def value_and_grad(fn):
+    """Input gradient of a batched function.
+
+    Args:
+        fn: maps a tensor `x` to a tensor `y` (any shape).
+
+    Returns:
+        a function `x -> (y, g)` where `g` is the gradient of `sum(y)` with
+        respect to `x` (for row-wise `fn`, each row's own gradient); `y` is
+        detached from the graph.
+    """
+
+    def torch_value_and_grad(x):
+        x = ops.convert_to_tensor(x).detach().requires_grad_(True)
+        # Keras runs `predict` and `evaluate` under `torch.no_grad()`; the
+        # gradient is wanted wherever this is called from.
+        with torch.enable_grad():
+            y = fn(x)
+            if not y.requires_grad:
+                return y, torch.zeros_like(x)
+            (grad,) = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), allow_unused=True)
+        return y.detach(), torch.zeros_like(x) if grad is None else grad
+
+    return torch_value_and_grad
+
+
+def average_pooling_replicates_edges(pool_size, strides, padding, input_shape):
+    """Whether Keras' 2-D average pooling here averages repeated edge inputs.
+
+    Keras (3.15) on torch pools a "same" input whose padding is uneven on
+    some axis (one more position after than before) by first padding every
+    axis with copies of the edge inputs, then dividing each window by its
+    full size; with even padding it leaves the padding out of the average,
+    as TensorFlow and JAX always do. The two are different linear maps,
+    with different norms, so the guaranteed bound must know which one runs.
+
+    Args:
+        pool_size: `(ph, pw)` or an int.
+        strides: `(sh, sw)` or an int.
+        padding: `"same"` or `"valid"`.
+        input_shape: `(h, w, c)`.
+
+    Returns:
+        bool.
+    """
+    if padding.lower() != "same":
+        return False
+    pools = pool_size if isinstance(pool_size, (tuple, list)) else (pool_size, pool_size)
+    steps = strides if isinstance(strides, (tuple, list)) else (strides, strides)
+    for size, pool, stride in zip(input_shape[:2], pools, steps):
+        out = -(-size // stride)
+        if max((out - 1) * stride + pool - size, 0) % 2:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Float32 matrix products and convolutions inside the block: PyTorch
+    runs cuDNN convolutions in TF32 on recent NVIDIA GPUs by default, and
+    reads its switches when each operation runs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def top_k(x, k):
+    """The `k` largest values along the last axis and their indices.
+
+    Equal values come in the order of their indices, as on TensorFlow and
+    JAX: `torch.topk` (Keras' `ops.top_k` here) leaves the order of ties
+    unspecified, a stable descending sort does not.
+
+    Args:
+        x: tensor `(..., m)`.
+        k: int, `1 <= k <= m`.
+
+    Returns:
+        `(values, indices)`, each `(..., k)`.
+    """
+    values, indices = torch.sort(ops.convert_to_tensor(x), dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+class GloroSteps:
+    """Adds the GloRo logs to Keras' torch train and test steps.
+
+    Keras' torch `train_step` is the pattern its guide documents for torch
+    (`zero_grad()`, the forward pass with `training=True`, `compute_loss`,
+    `loss.backward()`, `optimizer.apply` under `torch.no_grad()`, the
+    metrics); `GloroNet.compute_loss` hands the margin constants of that
+    forward pass to a loss that reads them (EMMA). The logs are read with
+    no autograd graph. Keras' torch loops update the variables in place, so
+    a loop that fails half-way leaves the model as its last step left it.
+    """
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        with torch.no_grad():
+            extra = self._lipschitz_logs(self._estimate_tensor())
+        return {**logs, **extra}
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        return {**logs, **self._lipschitz_logs(ops.max(self._margin_lipschitz))}
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, **kwargs):
+        """`keras.Model.export`; a TensorFlow SavedModel is written by the
+        TensorFlow backend, in a subprocess.
+
+        Keras (3.15) exports a SavedModel from torch through `torch_xla` and
+        `torch.export`, which fails with torch 2.13 even for a plain Keras
+        model. The `.keras` file carries the weights, and `gloro.load_model`
+        recomputes the same constants from them on TensorFlow, so the
+        SavedModel is the one TensorFlow would export for this model.
+        """
+        if format != "tf_saved_model":
+            return super().export(filepath, format=format, verbose=verbose, **kwargs)
+        if kwargs:
+            raise TypeError(
+                f"On the torch backend GloroNet.export writes the SavedModel with TensorFlow and takes "
+                f"only `filepath` and `verbose`, not {sorted(kwargs)}."
+            )
+        import gloro
+
+        with tempfile.TemporaryDirectory() as folder:
+            model = os.path.join(folder, "model.keras")
+            self.save(model)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(gloro.__file__)))
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            # Keras exports only a model that has been called.
+            code = (
+                "import sys, numpy as np, gloro\n"
+                "g = gloro.load_model(sys.argv[1])\n"
+                "g.predict(np.zeros((1,) + tuple(g.f.input_shape[1:]), 'float32'), verbose=0)\n"
+                "g.export(sys.argv[2], verbose=sys.argv[3] == 'True')\n"
+            )
+            result = subprocess.run([sys.executable, "-c", code, model, os.fspath(filepath), str(bool(verbose))],
+                                    env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"Exporting the SavedModel on the TensorFlow backend failed:\n{result.stderr[-2000:]}")
+        if verbose:
+            print(result.stdout, end="")

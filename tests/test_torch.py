@@ -1,0 +1,124 @@
+"""What only the torch backend has: a GloroNet trained by a plain PyTorch
+loop (the README's example) and `torch.utils.data` input. Runs in the
+torch test process."""
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="runs in the torch test process")
+
+torch = pytest.importorskip("torch")
+
+import gloro  # noqa: E402
+from gloro import layers  # noqa: E402
+
+
+def blobs(rng, n=512, classes=3, spread=0.15):
+    centres = np.array([[np.cos(a), np.sin(a)] for a in 2 * np.pi * np.arange(classes) / classes])
+    labels = rng.integers(0, classes, size=n)
+    return (centres[labels] + spread * rng.normal(size=(n, 2))).astype("float32"), labels
+
+
+def make_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((2,))
+    z = layers.MinMax()(layers.Dense(32)(x))
+    z = layers.MinMax()(layers.Dense(32)(z))
+    return gloro.GloroNet(x, layers.Dense(3)(z), epsilon=0.1)
+
+
+@pytest.mark.parametrize("loss", ["crossentropy", "emma"])
+def test_a_pytorch_loop_certifies_with_the_constants_of_its_weights(loss, rng):
+    x_train, y_train = blobs(rng)
+    g = make_net()
+    g.freeze_lipschitz()
+    frozen_before = g.lipschitz_constant()
+
+    # The README's loop ("Backends", PyTorch).
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)),
+        batch_size=64, shuffle=True,
+    )
+    optimizer = torch.optim.Adam(g.parameters(), lr=1e-2)
+    loss_fn = gloro.losses.Crossentropy()
+    if loss == "emma":
+        g.compile(loss="emma")
+    for epoch in range(10):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            out = g(xb, training=True)
+            if loss == "emma":
+                batch_loss = g.compute_loss(x=xb, y=yb, y_pred=out)
+            else:
+                batch_loss = loss_fn(yb, out)
+            batch_loss.backward()
+            optimizer.step()
+
+    # The loop moved the weights, so the constants frozen before it no
+    # longer certify anything...
+    assert not g.lipschitz_frozen
+    direct = keras.ops.convert_to_numpy(g(x_train, training=False))
+    assert np.all(direct.argmax(axis=1) == 3)
+
+    # ... and `predict` certifies with the constants of the new weights,
+    # those a fresh GloroNet on them computes.
+    out = g.predict(x_train, verbose=0)
+    fresh = make_net(seed=1)
+    fresh.f.set_weights(g.f.get_weights())
+    expected = fresh.freeze_lipschitz()
+    np.testing.assert_array_equal(g.lipschitz_constant(), expected)
+    assert not np.array_equal(expected, frozen_before)
+    np.testing.assert_array_equal(out, fresh.predict(x_train, verbose=0))
+    # The loop trained a robust model: most training points certified.
+    vra = np.mean(out.argmax(axis=1) == y_train)
+    assert vra > 0.8, vra
+    # Certified means certified at the new constants' radius.
+    radius = g.certified_radius(x_train)
+    np.testing.assert_array_equal(out.argmax(axis=1) < 3, radius > g.epsilon)
+
+
+def test_the_optimizer_over_parameters_trains_exactly_the_trainable_weights():
+    g = make_net()
+    trainable = {id(v.value) for v in g.trainable_variables}
+    with_grad = [p for p in g.parameters() if p.requires_grad]
+    assert {id(p) for p in with_grad} == trainable
+    # The caches, epsilon, constants and certified copies take no gradient.
+    assert len(list(g.parameters())) == len(g.variables)
+
+
+def test_fit_and_evaluate_take_a_dataloader(rng):
+    x, y = blobs(rng, n=256)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=64
+    )
+    g = make_net()
+    g.compile(optimizer=keras.optimizers.Adam(1e-2), loss="crossentropy", metrics=["vra"])
+    history = g.fit(loader, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert g.lipschitz_frozen
+    from_loader = g.evaluate(loader, verbose=0, return_dict=True)
+    from_arrays = g.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    assert from_loader["vra"] == pytest.approx(from_arrays["vra"], abs=1e-6)
+
+
+def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):
+    # tf.distribute is TensorFlow's and keras.distribution JAX's (Keras
+    # 3.15 has no torch distribution): one device per process on torch.
+    pytest.importorskip("tensorflow")
+    import importlib.util
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("_train_on_torch", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}')
+    for strategy, needed in (("mirrored", "tensorflow"), ("multiworker", "tensorflow"), ("data_parallel", "jax")):
+        result = CliRunner().invoke(train.app, ["--strategy", strategy, "--out", str(tmp_path / "out")])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 2, result.output
+        assert len(errors) == 1 and "--strategy" in errors[0] and f"needs the {needed} backend" in errors[0], errors
+    assert not (tmp_path / "out").exists()
