@@ -38,6 +38,6 @@ setup(
         # on two processes (pytest-xdist). torch is pinned to the CPU build
         # the test machines hold on disk: a range that admits a newer
         # release downloads a CUDA build of several GB.
-        "test": TENSORFLOW + ["jax[cpu]>=0.4.30", "torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5"],
+        "test": TENSORFLOW + ["jax[cpu]>=0.4.30", "torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
     },
 )
