@@ -48,6 +48,11 @@ _PLAIN = {bool, int, float, str, type(None)}
 _CALLABLES = {types.FunctionType, types.BuiltinFunctionType, types.MethodType}
 
 
+# Attributes that never change the map: a layer's name, and on torch the
+# train/eval flag of `torch.nn.Module`, which Keras flips around each loop.
+_IGNORED_ATTRIBUTES = {"name", "training"}
+
+
 def _plain_value(value):
     """A layer attribute's value as something comparable, or None for the
     attributes that cannot change the map (variables, initializers, ...).
@@ -82,7 +87,7 @@ def layer_state(layer):
     """
     settings = []
     for key, value in vars(layer).items():
-        if key[0] != "_" and key != "name":
+        if key[0] != "_" and key not in _IGNORED_ATTRIBUTES:
             plain = _plain_value(value)
             # Attributes holding None or other objects cannot change the map
             # (Keras adds some during export); a value that becomes None
