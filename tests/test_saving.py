@@ -46,9 +46,10 @@ def test_keras_round_trip_is_exact(trained_cnn, tmp_path):
     assert not loaded.lipschitz_frozen
     np.testing.assert_array_equal(loaded.predict(data, verbose=0), g.predict(data, verbose=0))
     np.testing.assert_array_equal(loaded.lipschitz_constant(), g.lipschitz_constant())
-    for a, b in zip(g.f.layers, loaded.f.layers):
-        for wa, wb in zip(a.weights, b.weights):
-            np.testing.assert_array_equal(keras.ops.convert_to_numpy(wa), keras.ops.convert_to_numpy(wb))
+    # The weights of the function; the power-iteration caches are derived
+    # state, which recomputing the constants converges further.
+    for a, b in zip(g._certified_for, loaded._certified_for):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     assert loaded.evaluate(data, labels, verbose=0) == g.evaluate(data, labels, verbose=0)
     assert isinstance(loaded.loss, gloro.losses.Trades)
 
