@@ -11,7 +11,15 @@ from gloro import metrics as gloro_metrics
 from gloro.callbacks import LipschitzRefresh
 
 
-def _check_epsilon(value):
+def check_epsilon(value):
+    """Validates a certified radius: a number >= 0, finite in float32.
+
+    Returns:
+        the radius as a float.
+
+    Raises:
+        TypeError, ValueError: not such a number.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"epsilon must be a number, got {value!r} of type {type(value).__name__}.")
     # Certificates are computed in float32, where 1e39 is already inf.
@@ -201,7 +209,7 @@ class GloroNet(_GloroSteps, keras.Model):
         self._forward_margins = None
         self._frozen_check = None
         self._epsilon = self.add_weight(
-            shape=(), initializer=keras.initializers.Constant(_check_epsilon(epsilon)),
+            shape=(), initializer=keras.initializers.Constant(check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
         )
         self._margin_lipschitz = self.add_weight(
@@ -269,7 +277,7 @@ class GloroNet(_GloroSteps, keras.Model):
 
     @epsilon.setter
     def epsilon(self, value):
-        self._epsilon.assign(_check_epsilon(value))
+        self._epsilon.assign(check_epsilon(value))
 
     # -------------------------------------------------------------- call
 

@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 
 from gloro import backend
-from gloro.model import GloroNet
+from gloro.model import GloroNet, check_epsilon
 
 
 # What load_model accepts before it allocates anything: an input of at most
@@ -140,12 +140,12 @@ def load_model(path, verify=True, max_input_size=MAX_INPUT_SIZE, max_archive_byt
 
 
 def _verify_constants(model, path):
-    epsilon = model.epsilon
-    if not (np.isfinite(np.float32(epsilon)) and epsilon >= 0):
+    try:
+        check_epsilon(model.epsilon)
+    except ValueError as error:
         raise ValueError(
-            f"{path!r} stores epsilon {epsilon}, which is not a finite radius >= 0; "
-            "the file is corrupted or was edited."
-        )
+            f"{path!r} stores an invalid epsilon ({error}); the file is corrupted or was edited."
+        ) from error
     stored = ops.convert_to_numpy(model._margin_lipschitz).copy()
     # Guaranteed bounds only: converging the file's power-iteration vectors
     # (estimates for training, never certificates) could take thousands of
