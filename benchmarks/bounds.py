@@ -1,9 +1,9 @@
 """Bound propagation certifiers for chains of Conv2D / Dense / MinMax layers:
-IBP, KW-style and CROWN linear bounds, and CROWN-IBP.
+IBP, KW-style and CROWN linear bounds, CROWN-IBP and BCP.
 
 Written for the certifier comparison (`certifiers.py`) from the papers:
 Gowal et al. 2018 (IBP), Wong & Kolter 2018 (KW), Zhang et al. 2018 (CROWN)
-and 2020 (CROWN-IBP). No PyPI library runs with this project's versions:
+and 2020 (CROWN-IBP), Lee et al. 2020 (BCP). No PyPI library runs with this project's versions:
 decomon 0.2.1 uses `np.float_` and auto_LiRPA 0.3 imports
 `numpy.lib.arraysetops`, both removed in NumPy 2, and auto_LiRPA pins
 torch < 1.13.
@@ -13,7 +13,7 @@ box constraint, so all certifiers answer the same question.
 
 How each method sees MinMax (pairs of channels `(a, b) -> (min, max)`):
 
-- IBP uses it as is: min and max are monotone in each argument, so the
+- IBP and BCP use it as is: min and max are monotone in each argument, so the
   interval of `min(a, b)` is `[min(la, lb), min(ua, ub)]`, exactly.
 - The linear methods need a ReLU, so they see
   `min(a, b) = a - relu(a - b)`, `max(a, b) = b + relu(a - b)` and relax
@@ -30,6 +30,18 @@ by running the same backward pass from each layer in turn: that is their
 cost. CROWN-IBP takes the hidden bounds from IBP and runs the backward pass
 from the margins only.
 
+BCP (box constrained propagation) keeps two outer bounds of each layer's
+reachable set and intersects them: IBP's box, and a ball around the clean
+activation whose radius grows by each linear layer's operator norm (MinMax,
+like ReLU, is 1-Lipschitz, so the ball keeps its radius). Each unit's
+interval is the intersection of the box's interval and the ball's
+(`w . p +- rho ||w||`); the margins take the better of the two lower bounds.
+The ball alone is GloRo's Lipschitz margin (same layer norms, pairwise
+head rows), so BCP certifies at least what GloRo certifies with the same
+norms. This is the bound of the paper's main text; its appendix tightens the
+ball after each ReLU further, which this version leaves out (sound, possibly
+looser than the authors' code).
+
 Everything is `keras.ops`, so the same code gives training losses
 (differentiable) on any backend.
 """
@@ -39,8 +51,9 @@ import numpy as np
 from keras import ops
 
 from gloro import layers as gloro_layers
+from gloro import lipschitz
 
-METHODS = ("ibp", "kw", "crown", "crown_ibp")
+METHODS = ("ibp", "kw", "crown", "crown_ibp", "bcp")
 
 
 def chain(model):
@@ -163,10 +176,7 @@ def ibp(steps, shapes, x, eps, labels):
         `(batch, m)` lower bounds; entry y is 0.
     """
     centre, radius = _ibp_hidden(steps, shapes, x, eps)[-1]
-    _, head = steps[-1]
-    spec = _margin_spec(labels, head.units)  # (b, m, m)
-    weights = ops.einsum("bjm,km->bjk", spec, head.kernel)
-    bias = ops.einsum("bjm,m->bj", spec, head.bias)
+    weights, bias = _margin_rows(steps[-1][1], labels)
     return ops.einsum("bjk,bk->bj", weights, centre) - ops.einsum("bjk,bk->bj", ops.abs(weights), radius) + bias
 
 
@@ -189,6 +199,89 @@ def _ibp_hidden(steps, shapes, x, eps):
         else:
             centre, radius = ops.reshape(centre, (ops.shape(centre)[0], -1)), ops.reshape(radius, (ops.shape(radius)[0], -1))
     return boxes
+
+
+def _margin_rows(head, labels):
+    """The head's rows of the margins `f_y - f_i`: `(batch, m, k)` weights
+    and `(batch, m)` biases."""
+    spec = _margin_spec(labels, head.units)
+    return ops.einsum("bjm,km->bjk", spec, head.kernel), ops.einsum("bjm,m->bj", spec, head.bias)
+
+
+def guaranteed_norms(steps, shapes):
+    """Upper bounds of the operator norm of every linear step but the head
+    (`gloro.lipschitz`'s guaranteed bounds, on each step's input shape),
+    `None` for the other steps: the norms BCP certifies with."""
+    norms = []
+    for k, ((kind, layer), shape) in enumerate(zip(steps, shapes)):
+        kernel = np.asarray(ops.convert_to_numpy(layer.kernel), np.float64) if kind in ("conv", "dense") else None
+        if kernel is None or k == len(steps) - 1:
+            norms.append(None)
+        elif kind == "dense":
+            norms.append(float(lipschitz.round_up_float32(lipschitz.dense_bound(kernel))))
+        else:
+            bound = lipschitz.conv_bound(kernel, shape, layer.strides, layer.padding, layer.dilation_rate)
+            norms.append(float(lipschitz.round_up_float32(bound)))
+    return norms
+
+
+def estimated_norms(steps):
+    """One power-iteration step of every linear gloro layer but the head: the
+    differentiable estimates BCP trains with (as its paper does; an estimate
+    is never used to certify)."""
+    norms = []
+    for k, (kind, layer) in enumerate(steps):
+        if kind not in ("conv", "dense") or k == len(steps) - 1:
+            norms.append(None)
+        elif isinstance(layer, gloro_layers.SpectralNormCache):
+            norms.append(layer.power_step())
+        else:
+            raise ValueError(f"BCP training needs gloro.layers.Dense / Conv2D (power iteration); '{layer.name}' is not one.")
+    return norms
+
+
+def bcp(steps, shapes, x, eps, labels, norms):
+    """BCP lower bounds of the margins `f_y - f_i` over the L2 ball.
+
+    Args:
+        steps, shapes: from `chain`.
+        x: inputs `(batch,) + input_shape`.
+        eps: the L2 radius.
+        labels: int `(batch,)`.
+        norms: per step, the operator norm of each linear step but the head
+            (`guaranteed_norms` to certify, `estimated_norms` to train).
+
+    Returns:
+        `(batch, m)` lower bounds; entry y is 0.
+    """
+    kind, layer = steps[0]
+    centre = _linear(kind, layer, x)
+    radius = eps * _row_norms(kind, layer, shapes[0]) * ops.ones_like(centre)
+    # The ball's centre is the clean activation, its radius `rho`.
+    clean, rho = centre, eps * norms[0]
+    for k in range(1, len(steps) - 1):
+        kind, layer = steps[k]
+        if kind in ("conv", "dense"):
+            box_centre, box_radius = _linear(kind, layer, centre), _linear_abs(kind, layer, radius)
+            clean = _linear(kind, layer, clean)
+            ball_radius = rho * _row_norms(kind, layer, shapes[k])
+            lower = ops.maximum(box_centre - box_radius, clean - ball_radius)
+            upper = ops.minimum(box_centre + box_radius, clean + ball_radius)
+            centre, radius = (upper + lower) / 2, (upper - lower) / 2
+            rho = rho * norms[k]
+        elif kind == "minmax":
+            (la, lb), (ua, ub) = _pairs(centre - radius), _pairs(centre + radius)
+            lower = _interleave(ops.minimum(la, lb), ops.maximum(la, lb))
+            upper = _interleave(ops.minimum(ua, ub), ops.maximum(ua, ub))
+            centre, radius = (upper + lower) / 2, (upper - lower) / 2
+            clean = layer(clean)
+        else:
+            batch = ops.shape(centre)[0]
+            centre, radius, clean = (ops.reshape(v, (batch, -1)) for v in (centre, radius, clean))
+    weights, bias = _margin_rows(steps[-1][1], labels)
+    box = ops.einsum("bjk,bk->bj", weights, centre) - ops.einsum("bjk,bk->bj", ops.abs(weights), radius)
+    ball = ops.einsum("bjk,bk->bj", weights, clean) - rho * _norm(ops.square(weights), axis=2)
+    return ops.maximum(box, ball) + bias
 
 
 def hidden_units(steps, shapes):
@@ -323,9 +416,12 @@ def linear_bounds(steps, shapes, x, eps, labels, rule="crown", hidden="linear", 
     return _concretise(a, c, x, eps)
 
 
-def margin_bounds(method, steps, shapes, x, eps, labels, chunk=4096, fraction=1.0):
+def margin_bounds(method, steps, shapes, x, eps, labels, chunk=4096, fraction=1.0, norms=None):
     """Lower bounds of the margins by one of `METHODS` (see the module;
-    `chunk` and `fraction` as for `linear_bounds`)."""
+    `chunk` and `fraction` as for `linear_bounds`; `norms` for BCP, by
+    default `guaranteed_norms`)."""
+    if method == "bcp":
+        return bcp(steps, shapes, x, eps, labels, norms if norms is not None else guaranteed_norms(steps, shapes))
     if method == "ibp":
         return ibp(steps, shapes, x, eps, labels)
     if method == "crown_ibp":
@@ -353,12 +449,16 @@ def certify(method, model, x, eps, batch_size=256, chunk=4096, fraction=1.0):
         `(predictions, certified)`, numpy `(n,)` int and bool.
     """
     steps, shapes = chain(model)
+    # BCP's norms depend on the weights alone: computed once, guaranteed.
+    norms = guaranteed_norms(steps, shapes) if method == "bcp" else None
     predictions, certified = [], []
     for start in range(0, len(x), batch_size):
         xb = ops.convert_to_tensor(x[start : start + batch_size])
         logits = ops.convert_to_numpy(model(xb, training=False))
         pred = logits.argmax(axis=1)
-        bounds = ops.convert_to_numpy(margin_bounds(method, steps, shapes, xb, eps, ops.convert_to_tensor(pred), chunk, fraction))
+        bounds = ops.convert_to_numpy(
+            margin_bounds(method, steps, shapes, xb, eps, ops.convert_to_tensor(pred), chunk, fraction, norms)
+        )
         others = np.ones_like(bounds, bool)
         others[np.arange(len(pred)), pred] = False
         # A tie has a margin of 0 and is never certified; non-finite

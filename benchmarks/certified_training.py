@@ -1,7 +1,8 @@
 """The training each certifier pairs with, as Keras models that `fit` trains:
 GloRo, IBP (Gowal et al. 2018), CROWN-IBP (Zhang et al. 2020), KW (Wong &
-Kolter 2018, with the linear bounds of `bounds.py`), and Gaussian noise
-for randomized smoothing (Cohen et al. 2019).
+Kolter 2018, with the linear bounds of `bounds.py`), BCP (Lee et al. 2020,
+one power-iteration step per layer and training step, as its paper trains),
+and Gaussian noise for randomized smoothing (Cohen et al. 2019).
 
 The bound-based losses follow Gowal et al.: `kappa * CE(f(x), y) +
 (1 - kappa) * CE(z, y)` where `z_i = -lower(f_y - f_i)` are the worst-case
@@ -27,7 +28,9 @@ class BoundTrainer(keras.Model):
 
     Args:
         model: the logits model (weights shared, not copied).
-        method: `"ibp"`, `"crown_ibp"` or `"kw"`.
+        method: `"ibp"`, `"crown_ibp"`, `"kw"` or `"bcp"` (which needs the
+            linear layers to be `gloro.layers` ones: it trains with their
+            power iteration).
         epsilon: the L2 radius of the training bound.
         chunk: hidden units per backward pass for `"kw"`.
     """
@@ -48,6 +51,9 @@ class BoundTrainer(keras.Model):
         if self.method == "crown_ibp":
             lower = BETA * bounds.margin_bounds("crown_ibp", self._steps, self._shapes, x, self.epsilon, labels)
             lower = lower + (1 - BETA) * bounds.margin_bounds("ibp", self._steps, self._shapes, x, self.epsilon, labels)
+        elif self.method == "bcp":
+            norms = bounds.estimated_norms(self._steps)
+            lower = bounds.margin_bounds("bcp", self._steps, self._shapes, x, self.epsilon, labels, norms=norms)
         else:
             lower = bounds.margin_bounds(self.method, self._steps, self._shapes, x, self.epsilon, labels, self.chunk)
         clean = keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
@@ -59,7 +65,7 @@ def trainer(method, model, epsilon, sigma=None, chunk=4096):
     """A compiled Keras model that trains `model` for a certifier.
 
     Args:
-        method: `"gloro"`, `"ibp"`, `"crown_ibp"`, `"kw"` or `"noise"`
+        method: `"gloro"`, `"ibp"`, `"crown_ibp"`, `"kw"`, `"bcp"` or `"noise"`
             (Gaussian data augmentation for randomized smoothing).
         model: the logits model; the trainer shares its weights.
         epsilon: the L2 radius to train for (bound methods, GloRo).

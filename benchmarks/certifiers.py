@@ -1,10 +1,10 @@
 """What certification costs: GloRo against bound propagation (IBP, KW,
-CROWN, CROWN-IBP) and randomized smoothing, on the same networks, points and
+CROWN, CROWN-IBP, BCP) and randomized smoothing, on the same networks, points and
 L2 radius (issue 19).
 
 For each network, every method certifies test points of the network GloRo
 trained and of the network trained for that method (IBP, CROWN-IBP, Gaussian
-noise for smoothing), and every method's training is timed on the same
+BCP, noise for smoothing), and every method's training is timed on the same
 network and data. Slow methods are measured on a subset and extrapolated to
 the 10,000-point test set; each row says how many points it measured.
 
@@ -43,6 +43,7 @@ PAPER = "Leino et al. 2021, Table 2 (CIFAR-10, 6C2F, one GPU)"
 PAPER_FIGURES = {
     "gloro": (6.9, 3.6, 0.4, 1.8),
     "kw": (516.8, 100.9, 2500.0, 1400.0),
+    "bcp": (47.5, 12.7, 5.8, 19.1),
     "smoothing": (None, None, 36800.0, 19.8),
 }
 IMPLEMENTATION = {
@@ -52,6 +53,7 @@ IMPLEMENTATION = {
     "crown_ibp": "benchmarks/bounds.py (keras.ops), MinMax as relu",
     "kw": "benchmarks/bounds.py (keras.ops), MinMax as relu",
     "crown": "benchmarks/bounds.py (keras.ops), MinMax as relu",
+    "bcp": "benchmarks/bounds.py (keras.ops), native MinMax, guaranteed norms",
     "smoothing": "benchmarks/smoothing.py (keras.ops + SciPy)",
 }
 TRAINING = {
@@ -59,6 +61,7 @@ TRAINING = {
     "ibp": "benchmarks/certified_training.py (keras.ops), native MinMax",
     "crown_ibp": "benchmarks/certified_training.py (keras.ops), MinMax as relu",
     "kw": "benchmarks/certified_training.py (keras.ops), MinMax as relu",
+    "bcp": "benchmarks/certified_training.py (keras.ops), native MinMax, power iteration",
     "noise": "keras GaussianNoise + Adam",
 }
 
@@ -89,16 +92,16 @@ def settings(quick):
     """The two networks, sized for a full run (about 20 min on 2 CPU cores
     shared with other work) or a quick one (a few minutes)."""
     if quick:
-        small = dict(gloro=1000, gloro_radius=1000, ibp=1000, crown_ibp=100, kw=1, crown=1, smoothing=1)
-        wide = dict(gloro=128, gloro_radius=128, ibp=128, crown_ibp=8, kw=1, crown=1, smoothing=1)
+        small = dict(gloro=1000, gloro_radius=1000, ibp=1000, bcp=1000, crown_ibp=100, kw=1, crown=1, smoothing=1)
+        wide = dict(gloro=128, gloro_radius=128, ibp=128, bcp=128, crown_ibp=8, kw=1, crown=1, smoothing=1)
         return [
             Setting("cnn_2C2F", "fashion_mnist", (28, 28, 1), 0.3, 0.25, 60_000, True, 2, 1024, small,
                     smoothing_samples=2_000, kw_train=(4, 2), batch=128),
             Setting("cnn_6C2F", "cifar10 shapes (synthetic)", (32, 32, 3), 36 / 255, 0.12, 50_000, False, 2, 32, wide,
                     smoothing_samples=500, linear_fraction=1 / 512, chunk=256, own_networks=False, batch=32),
         ]
-    small = dict(gloro=10_000, gloro_radius=10_000, ibp=10_000, crown_ibp=1_000, kw=10, crown=10, smoothing=2)
-    wide = dict(gloro=512, gloro_radius=512, ibp=512, crown_ibp=32, kw=1, crown=1, smoothing=1)
+    small = dict(gloro=10_000, gloro_radius=10_000, ibp=10_000, bcp=10_000, crown_ibp=1_000, kw=10, crown=10, smoothing=2)
+    wide = dict(gloro=512, gloro_radius=512, ibp=512, bcp=512, crown_ibp=32, kw=1, crown=1, smoothing=1)
     return [
         Setting("cnn_2C2F", "fashion_mnist", (28, 28, 1), 0.3, 0.25, 60_000, True, 2, 10_000, small,
                 kw_train=(8, 4)),
@@ -265,7 +268,7 @@ def run_setting(setting, log=print):
     x_train, y_train, x_test, y_test = _data(setting)
     build = lambda: gloro.architectures.get(setting.network, setting.input_shape, 10, seed=0)  # noqa: E731
     rows, models = [], {}
-    for method in ("gloro", "ibp", "crown_ibp", "noise"):
+    for method in ("gloro", "ibp", "crown_ibp", "bcp", "noise"):
         log(f"{setting.network}: training for {method}")
         trainer, row = train_row(setting, method, build(), x_train, y_train, setting.epochs, setting.batch)
         rows.append(row)
@@ -274,9 +277,12 @@ def run_setting(setting, log=print):
         n, batch = setting.kw_train
         log(f"{setting.network}: KW training, {n} examples")
         rows.append(train_row(setting, "kw", build(), x_train[:n], y_train[:n], 2, batch)[1])
-    plan = [(m, "gloro") for m in ("gloro", "gloro_radius", "ibp", "crown_ibp", "kw", "crown", "smoothing")]
+    plan = [(m, "gloro") for m in ("gloro", "gloro_radius", "ibp", "crown_ibp", "kw", "crown", "bcp", "smoothing")]
     if setting.own_networks:
-        plan += [("ibp", "ibp"), ("crown_ibp", "crown_ibp"), ("kw", "ibp"), ("crown", "crown_ibp"), ("smoothing", "noise")]
+        plan += [
+            ("ibp", "ibp"), ("crown_ibp", "crown_ibp"), ("kw", "ibp"), ("crown", "crown_ibp"), ("bcp", "bcp"),
+            ("smoothing", "noise"),
+        ]
     progress = keras.utils.Progbar(len(plan))
     for method, trained_for in plan:
         k = setting.points[method]
@@ -360,8 +366,8 @@ def main(
     networks: Annotated[str, typer.Option(help="Comma-separated: cnn_2C2F, cnn_6C2F.")] = "cnn_2C2F,cnn_6C2F",
     tables_only: Annotated[bool, typer.Option(help="Print the tables of an existing --out file; run nothing.")] = False,
 ):
-    """Times and memory of GloRo, IBP, KW, CROWN, CROWN-IBP and randomized
-    smoothing: training and certification."""
+    """Times and memory of GloRo, IBP, KW, CROWN, CROWN-IBP, BCP and
+    randomized smoothing: training and certification."""
     out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "certifiers_quick.json" if quick else "certifiers.json")
     if tables_only:
         with open(out) as f:

@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Eager JAX compiles each operation for each new shape, and the suite's small
+# models spend most of their JAX time compiling: XLA's cheapest optimisation
+# level cut that by a quarter here. Set before Keras imports JAX.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -16,6 +20,11 @@ if keras.backend.backend() == "torch":
     # subprocesses some tests start inherit the setting.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+def pytest_itemcollected(item):
+    if keras.backend.backend() == "jax" and item.get_closest_marker("slow_on_jax"):
+        item.add_marker(pytest.mark.slow)
 
 
 def pytest_collection_modifyitems(config, items):

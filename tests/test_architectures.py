@@ -13,6 +13,11 @@ from keras import ops
 import gloro
 from gloro import architectures, backend, layers
 
+# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
+# and torch; on JAX, where eager execution compiles every operation (minutes
+# for this module on two cores), in the long tier (`-m slow`).
+pytestmark = pytest.mark.slow_on_jax
+
 INPUT_SHAPE = (6, 6, 2)
 NUM_CLASSES = 3
 

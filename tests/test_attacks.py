@@ -20,6 +20,11 @@ import pytest
 
 from gloro import attacks
 
+# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
+# and torch; on JAX, where eager execution compiles every operation (minutes
+# for this module on two cores), in the long tier (`-m slow`).
+pytestmark = pytest.mark.slow_on_jax
+
 
 def _affine_model(W, b):
     model = keras.Sequential(

@@ -73,7 +73,13 @@ def load_and_check(folder):
     np.testing.assert_array_equal(outputs[clear].argmax(1), expected[clear].argmax(1))
 
 
-@pytest.mark.parametrize("other", BACKENDS)
+# Each pass tests the directions to and from the backends after it. The
+# default tier keeps TensorFlow <-> torch; the directions that involve JAX
+# are in the long tier: there the save and load compile every step, which
+# takes minutes on two cores.
+@pytest.mark.parametrize("other", [
+    pytest.param(b, marks=pytest.mark.slow) if "jax" in (b, keras.backend.backend()) else b for b in BACKENDS
+])
 def test_a_model_saved_on_one_backend_loads_on_another_with_the_same_outputs(other, tmp_path):
     here = keras.backend.backend()
     if other == here:

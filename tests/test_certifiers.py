@@ -22,6 +22,11 @@ from keras import ops  # noqa: E402
 from benchmarks import bounds, certified_training, certifiers, smoothing  # noqa: E402
 from gloro import layers  # noqa: E402
 
+# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
+# and torch; on JAX, where eager execution compiles every operation (minutes
+# for this module on two cores), in the long tier (`-m slow`).
+pytestmark = pytest.mark.slow_on_jax
+
 RADIUS = 0.1
 # The bounds are keras.ops, the same on every backend, but eager JAX
 # compiles each op for each new shape: these tests took 11 to 34 s each on
@@ -30,7 +35,7 @@ RADIUS = 0.1
 tensorflow_only = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="eager JAX compiles every op; the same keras.ops run on TensorFlow"
 )
-METHODS = ("gloro", "gloro_radius", "ibp", "crown_ibp", "kw", "crown", "smoothing")
+METHODS = ("gloro", "gloro_radius", "ibp", "crown_ibp", "kw", "crown", "bcp", "smoothing")
 
 
 def _known_answer_model():
@@ -124,6 +129,36 @@ def test_bounds_below_the_sampled_minimum_and_linear_tighter_than_ibp():
     for method, lower in found.items():
         assert np.all(lower <= sampled + 1e-5), method
     assert np.all(found["crown"] >= found["ibp"] - 1e-5)
+    # BCP intersects IBP's box with the Lipschitz ball: at least as tight as
+    # either, with the same norms.
+    norms = bounds.guaranteed_norms(steps, shapes)
+    logits = ops.convert_to_numpy(model(x))
+    head = ops.convert_to_numpy(steps[-1][1].kernel)
+    lipschitz = np.prod([n for n in norms if n is not None])
+    rows = np.linalg.norm(head[:, pred].T[:, None, :] - head.T[None], axis=2)  # ||w_y - w_i||, (3, 3)
+    ball = logits[np.arange(3), pred][:, None] - logits - eps * lipschitz * rows
+    assert np.all(found["bcp"] >= np.maximum(found["ibp"], ball) - 1e-5)
+
+
+@tensorflow_only
+def test_bcp_norms_cover_the_exact_spectral_norms():
+    """BCP certifies with gloro's guaranteed norms: each at least the largest
+    singular value of the layer's materialised operator."""
+    model = _small_conv_model()
+    steps, shapes = bounds.chain(model)
+    norms = bounds.guaranteed_norms(steps, shapes)
+    checked = 0
+    for (kind, layer), shape, norm in zip(steps, shapes, norms):
+        if norm is None:
+            continue
+        # The operator, materialised by applying the layer to each basis
+        # vector of its input space.
+        basis = np.eye(int(np.prod(shape)), dtype=np.float32).reshape((-1,) + shape)
+        matrix = ops.convert_to_numpy(layer(basis)) - ops.convert_to_numpy(layer.bias)
+        exact = np.linalg.svd(matrix.reshape(len(basis), -1).astype(np.float64), compute_uv=False)[0]
+        assert exact <= norm <= exact * 1.01, (layer.name, exact, norm)
+        checked += 1
+    assert checked == 3  # two convolutions and the hidden Dense; the head has none
 
 
 def test_smoothing_lower_confidence_bound():
@@ -143,3 +178,20 @@ def test_bound_training_losses_are_finite():
         trainer = certified_training.trainer(method, _known_answer_model(), RADIUS)
         loss = trainer.compute_loss(x, y, trainer(x))
         assert np.isfinite(ops.convert_to_numpy(loss)), method
+
+
+def _gloro_layer_model():
+    x = keras.Input((2,))
+    z = layers.MinMax()(layers.Dense(4)(x))
+    return keras.Model(x, layers.Dense(2)(z))
+
+
+def test_bcp_trains_with_power_iteration_and_refuses_plain_layers():
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 2), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    trainer = certified_training.trainer("bcp", _gloro_layer_model(), RADIUS)
+    history = trainer.fit(x, y, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    with pytest.raises(ValueError, match="gloro.layers.Dense"):
+        certified_training.trainer("bcp", _known_answer_model(), RADIUS).compute_loss(x, y, None)

@@ -41,12 +41,14 @@ def _run_replicas(engine, **env):
     assert result.stdout.splitlines()[-1] == "OK"
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_mirrored_strategy_matches_one_device():
     _run_replicas("mirrored")
 
 
 # In the JAX test process (the subprocess would pick JAX itself either way).
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the JAX test process")
 def test_jax_data_parallel_matches_one_device():
     _run_replicas("data_parallel", KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -187,6 +189,7 @@ def resumed_job(tmp_path_factory):
     return out, epochs[0] - 1, restarted.logs[0].read_text(), job.processes + restarted.processes
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_multiworker_resumes_after_a_worker_is_killed(resumed_job):
     out, resumed_at, chief_log, processes = resumed_job
@@ -202,6 +205,7 @@ def test_multiworker_resumes_after_a_worker_is_killed(resumed_job):
     assert (out / "model.keras").exists() and (out / "saved_model" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_multiworker_model_certifies_as_one_process_would(resumed_job):
     import gloro
@@ -297,6 +301,7 @@ def test_malformed_jax_process_variables_are_refused_in_one_line(tmp_path, monke
         _refused(app, "data_parallel", tmp_path / "out", reason)
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_a_missing_peer_times_out_and_sigterm_stops_a_waiting_worker(tmp_path):
     """Two lone workers of two-worker clusters whose peer never starts: one

@@ -9,6 +9,11 @@ import gloro
 from gloro import attacks, layers, lipschitz
 from gloro.graph import LipschitzGraph
 
+# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
+# and torch; on JAX, where eager execution compiles every operation (minutes
+# for this module on two cores), in the long tier (`-m slow`).
+pytestmark = pytest.mark.slow_on_jax
+
 
 def randomize(g, rng, scale=0.3):
     """Random weights (LiResNet blocks start at the identity otherwise)."""

@@ -9,6 +9,11 @@ from keras import ops
 import gloro
 from gloro import layers
 
+# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
+# and torch; on JAX, where eager execution compiles every operation (minutes
+# for this module on two cores), in the long tier (`-m slow`).
+pytestmark = pytest.mark.slow_on_jax
+
 
 def exact_norm(layer, input_shape):
     """Largest singular value of the layer's linear part, by float64 SVD of

@@ -150,6 +150,7 @@ def _kind(folder):
     return run.state, run.backup_epoch()
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_file_operation_leaves_a_folder_the_command_resumes(reference, data_dir, tmp_path):
     figures, names, snapshots = reference
     kinds = {}

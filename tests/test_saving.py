@@ -74,7 +74,7 @@ def test_save_freezes_first(tmp_path, rng):
 
 
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("weights", ["frozen", "changed after freezing"])
+@pytest.mark.parametrize("weights", ["frozen", pytest.param("changed after freezing", marks=pytest.mark.slow)])
 def test_export_serves_without_gloro(trained_cnn, tmp_path, weights):
     g, data, _ = trained_cnn
     if weights != "frozen":

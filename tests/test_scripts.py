@@ -159,6 +159,7 @@ def test_train_writes_its_outputs(trained, data_dir):
     )
 
 
+@pytest.mark.slow
 def test_train_builds_a_liresnet(data_dir, tmp_path):
     flags = ["--architecture", "liresnet", "--depth", 1, "--width", 4, "--epochs", 1, "--batch-size", 256]
     result = CliRunner().invoke(
@@ -238,6 +239,7 @@ def _backups(out):
     return [int(m[1]) for m in map(re.compile(r"^epoch_(\d+)\.weights\.h5$").match, names) if m]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes(data_dir, tmp_path):
     epochs, steps = 8, 32
     args = [
@@ -307,6 +309,7 @@ def test_killed_training_resumes(data_dir, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
     g = gloro.load_model(trained / "model.keras")
     relaxed = gloro.relaxations.RtkGloroNet(model=g.f, epsilon=EPSILON, k=2)
@@ -487,6 +490,7 @@ def test_certify_refuses_what_load_model_refuses(kind, reason, refused, data_dir
     _assert_one_line_error(result.exit_code, result.output, "--model", reason)
 
 
+@pytest.mark.slow
 def test_bad_flag_from_the_command_line():
     result = subprocess.run(
         _command(TRAIN, "--epsilon", "-1"), check=False, capture_output=True, text=True, env=_env()
@@ -551,6 +555,7 @@ def test_a_rerun_of_a_finished_run_changes_nothing(args, reason, trained, data_d
     assert {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_diverged_run_is_not_resumed_and_restart_keeps_other_files(data_dir, tmp_path):
     flags = [*TRAIN_FLAGS, "--architecture", "mlp", "--epochs", "1", "--batch-size", "256",
              "--data-dir", str(data_dir), "--out", str(tmp_path)]

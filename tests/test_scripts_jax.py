@@ -16,9 +16,10 @@ from typer.testing import CliRunner  # noqa: E402
 
 from gloro import runs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() == "tensorflow", reason="runs in the JAX and torch test processes"
-)
+pytestmark = [
+    pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="runs in the JAX and torch test processes"),
+    pytest.mark.slow_on_jax,
+]
 
 
 class _Killed(BaseException):

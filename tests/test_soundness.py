@@ -1,5 +1,6 @@
 """Attempts to break certificates: attacks, hostile inputs, broken files."""
 
+import functools
 import os
 import zipfile
 
@@ -65,19 +66,28 @@ NETWORKS = {
     "conv-s1-valid-avgpool": lambda: conv_net(1, "valid", "average"),
 }
 
-# The audits run on every network on TensorFlow and on one on JAX: the
-# bounds are NumPy and the same on both backends, and what differs (the
-# forward pass and the attack's gradients) is exercised by any network;
-# the suite's time budget has no room for the rest twice.
+# The bounds are NumPy, the same on every backend; what differs (the forward
+# pass and the attack's gradients) is exercised by any network. So the
+# default tier audits the overlapping max-pooling network (the loosest
+# bound) on TensorFlow and torch (on JAX, whose eager attacks take minutes
+# here, in the long tier); the long tier audits every network.
 AUDITED = [
-    name if name == "conv-s1-same-maxpool" else pytest.param(name, marks=pytest.mark.tensorflow)
-    for name in sorted(NETWORKS)
+    pytest.param("conv-s1-same-maxpool", marks=pytest.mark.slow_on_jax),
+    pytest.param("conv-s1-valid-avgpool", marks=[pytest.mark.tensorflow, pytest.mark.slow]),
+    pytest.param("conv-s2-valid", marks=[pytest.mark.tensorflow, pytest.mark.slow]),
+    pytest.param("dense", marks=[pytest.mark.tensorflow, pytest.mark.slow]),
 ]
+
+
+@functools.cache
+def trained(name):
+    """The network `name` after 6 epochs, shared by the audits."""
+    return train(NETWORKS[name])
 
 
 @pytest.mark.parametrize("name", AUDITED)
 def test_no_certified_point_is_broken(name):
-    g, x, y = train(NETWORKS[name])
+    g, x, y = trained(name)
     out = g.predict(x, verbose=0)
     certified = np.where(np.argmax(out, axis=1) < 3)[0][:150]
     assert len(certified) >= 20, "too few certified points for a meaningful audit"
@@ -95,14 +105,16 @@ def test_no_certified_point_is_broken(name):
 
 @pytest.mark.parametrize("name", AUDITED)
 def test_empirical_lipschitz_never_exceeds_certified(name):
-    g, x, _ = train(NETWORKS[name], epochs=2)
+    g, x, _ = trained(name)
     empirical = attacks.empirical_margin_lipschitz(g.f, x[:64], steps=30)
     certified = g.lipschitz_constant()
     assert np.all(empirical <= certified * (1 + 1e-6))
     assert empirical.max() > 0.05 * certified.max()
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", pytest.param("mixed_bfloat16", marks=pytest.mark.tensorflow)])
+@pytest.mark.parametrize("policy", [
+    pytest.param("mixed_float16", marks=pytest.mark.slow_on_jax), pytest.param("mixed_bfloat16", marks=pytest.mark.tensorflow)
+])
 def test_mixed_precision_bounds_stay_float32_and_sound(policy):
     keras.config.set_dtype_policy(policy)
     g, x, _ = train(lambda: conv_net(2, "same", None), epochs=3)
@@ -232,6 +244,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 # On TensorFlow only, like the other heavy audits (see AUDITED); EMMA's JAX
 # path is tested in tests/test_losses.py.
+@pytest.mark.slow
 @pytest.mark.tensorflow
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="Debian package dataset-fashion-mnist is not installed")
 def test_liresnet_trained_with_emma_on_fashion_mnist_keeps_every_certificate():
