@@ -3,8 +3,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Eager JAX compiles each operation for each new shape, and the suite's small
 # models spend most of their JAX time compiling: XLA's cheapest optimisation
-# level cut that by a quarter here. Set before Keras imports JAX.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# level cut that by a quarter here, and one thread per process (two test
+# processes share two cores) a little more. Set before Keras imports JAX.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+    "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -109,6 +109,7 @@ def test_training_estimate_propagates_through_the_graph(rng):
     assert summary["ratio"] == pytest.approx(summary["bound"] / summary["estimate"])
 
 
+@pytest.mark.slow
 def test_residual_graph_trains_saves_and_loads(tmp_path, rng):
     x = rng.normal(size=(256, 5, 5, 2)).astype("float32")
     y = (x[..., 0].sum(axis=(1, 2)) > 0).astype("int32")

@@ -495,7 +495,7 @@ def test_lowered_stored_constants_are_recomputed(path, tmp_path):
 # ------------------------------------------------------- 11. precision
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow_on_jax), "mixed_float16"])
 def test_half_precision_policies_certify_from_float32_logits(policy, rng):
     keras.config.set_dtype_policy(policy)
     x = keras.Input((16,))

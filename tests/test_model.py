@@ -89,6 +89,7 @@ def test_margin_constants_bound_true_jacobians(trained, rng):
     assert np.all(norms <= g.lipschitz_constant()[None] + 1e-6)
 
 
+@pytest.mark.slow_on_jax
 def test_cnn_margin_constants_bound_true_jacobians(rng):
     g = small_cnn()
     for layer in g.f.layers:
@@ -110,6 +111,7 @@ def test_certified_points_match_radius(trained):
     assert np.all(radius[~certified] <= g.epsilon * (1 + 1e-4))
 
 
+@pytest.mark.slow_on_jax
 def test_certified_points_survive_worst_case_perturbation(trained):
     # For each certified point, step eps towards the decision boundary along
     # the exact gradient of every margin: the prediction never changes.
@@ -264,6 +266,7 @@ def test_bad_labels(trained):
         g.evaluate(x, np.zeros((len(x), 5)), verbose=0)
 
 
+@pytest.mark.slow_on_jax
 def test_one_hot_and_sparse_labels_agree(trained):
     g, x, y = trained
     sparse = g.evaluate(x, y, verbose=0, return_dict=True)
@@ -274,6 +277,7 @@ def test_one_hot_and_sparse_labels_agree(trained):
         assert column[key] == pytest.approx(sparse[key], rel=1e-6)
 
 
+@pytest.mark.slow_on_jax
 def test_trades_loss_trains(rng):
     x, y = blobs(rng, n=300)
     g = gloro.GloroNet(*mlp(), epsilon=0.1)

@@ -32,7 +32,7 @@ from gloro import runs  # noqa: E402
 
 # File operations of a run: the backend does not change them (the scripts'
 # runs on JAX and torch are in test_scripts_jax.py).
-pytestmark = pytest.mark.backend_neutral
+pytestmark = [pytest.mark.backend_neutral, pytest.mark.slow]
 
 TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 EPOCHS = 2
