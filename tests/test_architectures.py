@@ -145,6 +145,7 @@ def test_frozen_constants_bound_the_margin_gradients(tiny, rng):
     assert worst > 0.01
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tiny, rng, tmp_path):
     g = gloro.GloroNet(model=tiny, epsilon=0.1)
     x = rng.standard_normal((16,) + INPUT_SHAPE).astype(np.float32)

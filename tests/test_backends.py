@@ -73,13 +73,12 @@ def load_and_check(folder):
     np.testing.assert_array_equal(outputs[clear].argmax(1), expected[clear].argmax(1))
 
 
-# Each pass tests the directions to and from the backends after it. The
-# default tier keeps TensorFlow <-> torch; the directions that involve JAX
-# are in the long tier: there the save and load compile every step, which
-# takes minutes on two cores.
-@pytest.mark.parametrize("other", [
-    pytest.param(b, marks=pytest.mark.slow) if "jax" in (b, keras.backend.backend()) else b for b in BACKENDS
-])
+# Each pass tests the directions to and from the backends after it: all six
+# in the long tier (each direction starts another backend's process and
+# trains there: 25 s to minutes on two cores). The default tier checks the
+# format on every backend through tests/test_saving.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("other", BACKENDS)
 def test_a_model_saved_on_one_backend_loads_on_another_with_the_same_outputs(other, tmp_path):
     here = keras.backend.backend()
     if other == here:

@@ -555,6 +555,9 @@ def test_pairwise_column_distances_ops_gradient(rng):
 # -------------------------------------------------------------- packaging
 
 
+# Like tests/test_schedules.py's subprocess check: in the long tier, since
+# tests/test_backends.py runs the core without TensorFlow by default.
+@pytest.mark.slow
 @pytest.mark.backend_neutral
 def test_module_imports_no_tensorflow():
     # Loaded as a standalone file on the JAX backend, so that only this

@@ -277,7 +277,7 @@ def test_one_hot_and_sparse_labels_agree(trained):
         assert column[key] == pytest.approx(sparse[key], rel=1e-6)
 
 
-@pytest.mark.slow_on_jax
+@pytest.mark.slow
 def test_trades_loss_trains(rng):
     x, y = blobs(rng, n=300)
     g = gloro.GloroNet(*mlp(), epsilon=0.1)

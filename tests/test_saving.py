@@ -54,6 +54,7 @@ def test_keras_round_trip_is_exact(trained_cnn, tmp_path):
     assert isinstance(loaded.loss, gloro.losses.Trades)
 
 
+@pytest.mark.slow
 def test_loaded_model_keeps_training(trained_cnn, tmp_path):
     g, data, labels = trained_cnn
     g.save(tmp_path / "m.keras")

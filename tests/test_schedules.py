@@ -236,6 +236,10 @@ def test_wrong_type(spec):
         schedules.parse(spec)
 
 
+# tests/test_backends.py runs the core, schedules included, with TensorFlow
+# made unimportable in the JAX and torch passes; this subprocess check of the
+# module alone is in the long tier.
+@pytest.mark.slow
 @pytest.mark.backend_neutral
 def test_no_tensorflow_on_jax():
     # With the JAX backend the schedules (ScheduledLearningRate included)
@@ -365,6 +369,7 @@ def test_scheduled_learning_rate_saved_with_optimizer(tmp_path):
     assert current == pytest.approx(0.05 * schedules.parse("[1.]-cos-[0.01]")(4 / 20), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_scheduled_learning_rate_saved_in_a_gloronet(tmp_path, rng):
     spec = "[1.]-cos-[0.01]"
     inputs = keras.Input((4,))

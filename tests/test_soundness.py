@@ -115,7 +115,7 @@ def test_empirical_lipschitz_never_exceeds_certified(name):
 @pytest.mark.parametrize("policy", [
     # tests/test_holes.py certifies from float32 logits under both policies
     # in the default tier; these train under them and attack.
-    pytest.param("mixed_float16", marks=pytest.mark.slow_on_jax),
+    pytest.param("mixed_float16", marks=pytest.mark.slow),
     pytest.param("mixed_bfloat16", marks=[pytest.mark.tensorflow, pytest.mark.slow]),
 ])
 def test_mixed_precision_bounds_stay_float32_and_sound(policy):
@@ -139,6 +139,7 @@ def test_mixed_precision_bounds_stay_float32_and_sound(policy):
 
 
 # The bounds are NumPy, the same on both backends.
+@pytest.mark.slow
 @pytest.mark.tensorflow
 def test_bounds_hold_with_unconverged_power_iteration(rng):
     # One training step moves the weights; the frozen bound is computed from
