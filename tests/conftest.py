@@ -28,7 +28,10 @@ if keras.backend.backend() == "torch":
 
 
 def pytest_itemcollected(item):
-    if keras.backend.backend() == "jax" and item.get_closest_marker("slow_on_jax"):
+    backend = keras.backend.backend()
+    if (backend == "jax" and item.get_closest_marker("slow_on_jax")) or (
+        backend != "tensorflow" and item.get_closest_marker("ops_only")
+    ):
         item.add_marker(pytest.mark.slow)
 
 

@@ -20,10 +20,9 @@ import pytest
 
 from gloro import attacks
 
-# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
-# and torch; on JAX, where eager execution compiles every operation (minutes
-# for this module on two cores), in the long tier (`-m slow`).
-pytestmark = pytest.mark.slow_on_jax
+# keras.ops code with no backend-specific path: by default it runs in the
+# TensorFlow pass; on JAX and torch in the long tier (`-m slow`).
+pytestmark = pytest.mark.ops_only
 
 
 def _affine_model(W, b):

@@ -22,10 +22,9 @@ from keras import ops  # noqa: E402
 from benchmarks import bounds, certified_training, certifiers, smoothing  # noqa: E402
 from gloro import layers  # noqa: E402
 
-# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
-# and torch; on JAX, where eager execution compiles every operation (minutes
-# for this module on two cores), in the long tier (`-m slow`).
-pytestmark = pytest.mark.slow_on_jax
+# keras.ops code with no backend-specific path: by default it runs in the
+# TensorFlow pass; on JAX and torch in the long tier (`-m slow`).
+pytestmark = pytest.mark.ops_only
 
 RADIUS = 0.1
 # The bounds are keras.ops, the same on every backend, but eager JAX

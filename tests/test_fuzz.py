@@ -241,6 +241,9 @@ UNSUPPORTED = {
 }
 
 
+# The refusals are Python; on JAX, where each network's build compiles, in
+# the long tier.
+@pytest.mark.slow_on_jax
 @settings(max_examples=max(EXAMPLES * 5, len(UNSUPPORTED)), deadline=None,
           derandomize="GLORO_FUZZ_EXAMPLES" not in os.environ, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(sorted(UNSUPPORTED)), value=st.floats(1e-3, 0.9), prefix=st.integers(0, 2),

@@ -20,6 +20,10 @@ from keras import ops
 import gloro
 from gloro import certificates, layers
 
+# Each hole is a check in gloro's Python code; the JAX-specific ones (int8 on
+# JAX) run there in the long tier, where eager JAX compiles every build.
+pytestmark = pytest.mark.slow_on_jax
+
 
 def dense_net(hidden=8, inputs=2, classes=2, activation=None):
     x = keras.Input((inputs,))

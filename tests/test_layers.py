@@ -9,10 +9,9 @@ from keras import ops
 import gloro
 from gloro import layers
 
-# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
-# and torch; on JAX, where eager execution compiles every operation (minutes
-# for this module on two cores), in the long tier (`-m slow`).
-pytestmark = pytest.mark.slow_on_jax
+# keras.ops code with no backend-specific path: by default it runs in the
+# TensorFlow pass; on JAX and torch in the long tier (`-m slow`).
+pytestmark = pytest.mark.ops_only
 
 
 def exact_norm(layer, input_shape):

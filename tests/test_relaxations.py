@@ -17,10 +17,9 @@ from gloro.certificates import (
 )
 from gloro.relaxations import AffinityGloroNet, RtkGloroNet
 
-# keras.ops code with no JAX-specific path: by default it runs on TensorFlow
-# and torch; on JAX, where eager execution compiles every operation (minutes
-# for this module on two cores), in the long tier (`-m slow`).
-pytestmark = pytest.mark.slow_on_jax
+# keras.ops code with no backend-specific path: by default it runs in the
+# TensorFlow pass; on JAX and torch in the long tier (`-m slow`).
+pytestmark = pytest.mark.ops_only
 
 M = 4
 # Classes 0, 1 and classes 2, 3 are pairs of nearby blobs: closer than twice
