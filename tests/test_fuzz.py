@@ -32,7 +32,7 @@ from keras import ops
 import gloro
 from gloro import attacks, certificates, layers
 
-EXAMPLES = int(os.environ.get("GLORO_FUZZ_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("GLORO_FUZZ_EXAMPLES", "2"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -16,9 +16,12 @@ from typer.testing import CliRunner  # noqa: E402
 
 from gloro import runs  # noqa: E402
 
+# In the long tier: on each backend a whole training and certification run
+# (40 s on torch, minutes on JAX, here); tests/test_scripts.py runs the
+# scripts on TensorFlow by default.
 pytestmark = [
     pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="runs in the JAX and torch test processes"),
-    pytest.mark.slow_on_jax,
+    pytest.mark.slow,
 ]
 
 
