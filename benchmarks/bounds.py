@@ -180,6 +180,15 @@ def ibp(steps, shapes, x, eps, labels):
     return ops.einsum("bjk,bk->bj", weights, centre) - ops.einsum("bjk,bk->bj", ops.abs(weights), radius) + bias
 
 
+def _minmax_interval(centre, radius):
+    """The exact interval of MinMax's output over a box `centre +- radius`:
+    min and max are monotone in each argument."""
+    (la, lb), (ua, ub) = _pairs(centre - radius), _pairs(centre + radius)
+    lower = _interleave(ops.minimum(la, lb), ops.maximum(la, lb))
+    upper = _interleave(ops.minimum(ua, ub), ops.maximum(ua, ub))
+    return (upper + lower) / 2, (upper - lower) / 2
+
+
 def _ibp_hidden(steps, shapes, x, eps):
     """Interval `(centre, radius)` of the input of every step after the
     first linear one; the last is the head's input."""
@@ -192,10 +201,7 @@ def _ibp_hidden(steps, shapes, x, eps):
         if kind in ("conv", "dense"):
             centre, radius = _linear(kind, layer, centre), _linear_abs(kind, layer, radius)
         elif kind == "minmax":
-            (la, lb), (ua, ub) = _pairs(centre - radius), _pairs(centre + radius)
-            lower = _interleave(ops.minimum(la, lb), ops.maximum(la, lb))
-            upper = _interleave(ops.minimum(ua, ub), ops.maximum(ua, ub))
-            centre, radius = (upper + lower) / 2, (upper - lower) / 2
+            centre, radius = _minmax_interval(centre, radius)
         else:
             centre, radius = ops.reshape(centre, (ops.shape(centre)[0], -1)), ops.reshape(radius, (ops.shape(radius)[0], -1))
     return boxes
@@ -270,10 +276,7 @@ def bcp(steps, shapes, x, eps, labels, norms):
             centre, radius = (upper + lower) / 2, (upper - lower) / 2
             rho = rho * norms[k]
         elif kind == "minmax":
-            (la, lb), (ua, ub) = _pairs(centre - radius), _pairs(centre + radius)
-            lower = _interleave(ops.minimum(la, lb), ops.maximum(la, lb))
-            upper = _interleave(ops.minimum(ua, ub), ops.maximum(ua, ub))
-            centre, radius = (upper + lower) / 2, (upper - lower) / 2
+            centre, radius = _minmax_interval(centre, radius)
             clean = layer(clean)
         else:
             batch = ops.shape(centre)[0]
