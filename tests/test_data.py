@@ -1,14 +1,13 @@
 """Tests for gloro.data: local IDX/npz loading, tfds fallback, pipelines."""
 
-import gzip
 import importlib
 import os
-import struct
 import sys
 import types
 
 import numpy as np
 import pytest
+from idx_files import write_idx
 
 # tf.data needs TensorFlow on any Keras backend.
 tf = pytest.importorskip("tensorflow")
@@ -22,16 +21,6 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 TRAIN_SIZE, TEST_SIZE = 12, 5
 HEIGHT, WIDTH = 5, 6
-
-
-def write_idx(path, array):
-    """Writes an unsigned-byte IDX file, gzipped if `path` ends in .gz."""
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    if path.suffix == ".gz":
-        payload = gzip.compress(payload)
-    path.write_bytes(payload)
 
 
 def make_split(num, seed):

@@ -6,7 +6,6 @@ process, scripts/train.py for two worker processes on 127.0.0.1.
 """
 
 import csv
-import gzip
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from idx_files import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -75,12 +75,6 @@ def test_train_refuses_a_strategy_it_cannot_run(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------ two workers on 127.0.0.1
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.tobytes())
 
 
 def _free_ports(n):
@@ -162,8 +156,8 @@ def resumed_job(tmp_path_factory):
     for prefix, n in (("train", 384), ("t10k", 128)):
         labels = rng.integers(0, 4, n)
         images = 255 * (0.4 * prototypes[labels] + 0.6 * rng.random((n, 8, 8)))
-        _write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
-        _write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+        write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     out = root / "run"
     backups = [out / "backup", Path(f"{out}.workertemp_worker_1") / "backup"]
 
@@ -309,8 +303,8 @@ def test_a_missing_peer_times_out_and_sigterm_stops_a_waiting_worker(tmp_path):
     data_dir = tmp_path / "data"
     (data_dir / "synthetic").mkdir(parents=True)
     for prefix in ("train", "t10k"):
-        _write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", np.zeros((8, 8, 8), np.uint8))
-        _write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(8, dtype=np.uint8) % 2)
+        write_idx(data_dir / "synthetic" / f"{prefix}-images-idx3-ubyte.gz", np.zeros((8, 8, 8), np.uint8))
+        write_idx(data_dir / "synthetic" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(8, dtype=np.uint8) % 2)
     processes = []
     for name, timeout in (("timeout", "5"), ("sigterm", "600")):
         ports = _free_ports(2)

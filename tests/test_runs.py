@@ -14,7 +14,6 @@ untrained model would not have. Only the folder outlives a kill, so the
 copies stand for kills of the process at those instants.
 """
 
-import gzip
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from idx_files import write_idx
 
 tf = pytest.importorskip("tensorflow")
 
@@ -38,12 +38,6 @@ TRAIN = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 EPOCHS = 2
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """4 classes of 8x8 images, 64 to train on and 32 to test."""
@@ -54,8 +48,8 @@ def data_dir(tmp_path_factory):
     for prefix, n in (("train", 64), ("t10k", 32)):
         labels = np.arange(n) % 4
         images = 255 * (0.5 * prototypes[labels] + 0.5 * rng.random((n, 8, 8)))
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return folder.parent
 
 

@@ -10,7 +10,6 @@ test process."""
 
 import csv
 import functools
-import gzip
 import importlib.util
 import inspect
 import io
@@ -28,6 +27,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from idx_files import write_idx
 from typer.testing import CliRunner
 
 # The scripts read their data with tf.data on every backend.
@@ -45,12 +45,6 @@ EPSILON = 0.1
 TRAIN_FLAGS = ["--dataset", "synthetic", "--epsilon", str(EPSILON), "--verbose", "2"]
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """10 classes of 28x28 images: a fixed random prototype per class mixed
@@ -63,8 +57,8 @@ def data_dir(tmp_path_factory):
     for prefix, n in (("train", 512), ("t10k", 256)):
         labels = rng.integers(0, 10, n)
         images = 255 * (0.2 * prototypes[labels] + 0.8 * rng.random((n, 28, 28)))
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return folder.parent
 
 
@@ -585,8 +579,8 @@ def test_a_diverged_run_is_not_resumed_and_restart_keeps_other_files(data_dir, t
 def _idx_folder(folder, train, test):
     folder.mkdir(parents=True)
     for prefix, (images, labels) in (("train", train), ("t10k", test)):
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
 
 
 def _split(n, size=28, classes=10):
