@@ -65,6 +65,12 @@ NETWORKS = {
     "cnn_8C2F": {"input_shape": (64, 64, 3), "train_examples": 10_000, "certify_examples": 10_000, "epsilon": 36 / 255},
     "liresnet": {"input_shape": (32, 32, 3), "train_examples": 1_024, "certify_examples": 1_024, "epsilon": 36 / 255,
                  "options": {"depth": 6, "width": 32}},
+    # LiResNet at depth 12: width 32 for counting kernels, and the paper's
+    # width for a GPU.
+    "liresnet12": {"input_shape": (32, 32, 3), "train_examples": 1_024, "certify_examples": 1_024,
+                   "epsilon": 36 / 255, "architecture": "liresnet", "options": {"depth": 12, "width": 32}},
+    "liresnet12_w256": {"input_shape": (32, 32, 3), "train_examples": 10_000, "certify_examples": 10_000,
+                        "epsilon": 36 / 255, "architecture": "liresnet", "options": {"depth": 12, "width": 256}},
 }
 DEFAULT_NETWORKS = ("cnn_2C2F", "cnn_6C2F")
 QUICK_EXAMPLES = {"cnn_2C2F": (6_144, 2_048), "cnn_6C2F": (768, 1_024),
@@ -177,7 +183,8 @@ def _architecture(name, seed):
     from gloro import architectures
 
     spec = NETWORKS[name]
-    return architectures.get(name, spec["input_shape"], NUM_CLASSES, seed=seed, **spec.get("options", {}))
+    return architectures.get(spec.get("architecture", name), spec["input_shape"], NUM_CLASSES, seed=seed,
+                             **spec.get("options", {}))
 
 
 def _plain_layer(layer):
@@ -246,7 +253,7 @@ def build_models(name, seed, baseline, jit, power_iterations=None):
     spec = NETWORKS[name]
     f_plain = _architecture(name, seed)
     if baseline == "keras":
-        f_plain = _plain_residual_copy(f_plain) if name == "liresnet" else _plain_keras_copy(f_plain)
+        f_plain = _plain_residual_copy(f_plain) if spec.get("architecture", name) == "liresnet" else _plain_keras_copy(f_plain)
     plain = f_plain
     plain.compile(
         optimizer=keras.optimizers.Adam(1e-3),

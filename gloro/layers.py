@@ -26,7 +26,9 @@ certified a point that was not robust:
 `Dense` and `Conv2D` also train with power iteration: they cache, as
 non-trainable weights saved with the model, a power-iteration vector, the
 latest spectral-norm estimate and the latest guaranteed bound, and offer
-`power_step` (a differentiable estimate for training) and `converge`.
+`power_step` (a differentiable estimate for training) and `converge`;
+`power_steps` advances many such layers together, stacking those of one
+shape into one operation per step.
 
 Branches meet in `Add`, `Subtract`, `Average` or `Concatenate` (Keras' own
 layers, re-exported here); `MERGE_BOUNDS` says how each combines its inputs'
@@ -112,6 +114,57 @@ def activation_bound(layer):
     )
 
 
+def _unit_random_normal(shape, dtype=None):
+    # Power iteration expects unit vectors and normalises only its result.
+    v = keras.initializers.RandomNormal(seed=0)(shape, dtype)
+    return v / ops.sqrt(ops.sum(ops.square(v)))
+
+
+def power_steps(layers, iterations=1):
+    """Advances the cached power iteration of several layers at once.
+
+    Layers whose operators stack (`gloro.lipschitz.stack`: Dense kernels of
+    one shape; stride-1 "same" convolutions with odd kernels of one size on
+    inputs of one height and width, whatever their channels) share one
+    operation per step, so a step of a network costs a few operations, not
+    a few per layer. Each layer's kernels are scaled by its previous
+    estimate (see `gloro.lipschitz.power_step`).
+
+    Args:
+        layers: `SpectralNormCache` layers.
+        iterations: power-iteration steps to take.
+
+    Returns:
+        list of scalar tensors, in the order of `layers`: each layer's
+        estimate (times its activation's bound), differentiable with respect
+        to its kernel. Lower bounds, never certificates.
+    """
+    if not layers:
+        return []
+    groups = {}
+    for layer in layers:
+        operator = layer._operator(ops.cast(layer.kernel, "float32"))
+        key = operator.stack_key
+        groups.setdefault(id(layer) if key is None else key, []).append((layer, operator))
+    members = [[layer for layer, _ in group] for group in groups.values()]
+    operators = [lipschitz.stack([op for _, op in group]) for group in groups.values()]
+    vectors = [
+        op.pack([ops.convert_to_tensor(layer.power_vector) for layer in group])
+        for op, group in zip(operators, members)
+    ]
+    ordered = [layer for group in members for layer in group]
+    scales = ops.concatenate([layer._scale() for layer in ordered])
+    sigma, vectors = lipschitz.power_step(operators, vectors, iterations, scales)
+    for op, group, v in zip(operators, members, vectors):
+        for layer, vector in zip(group, op.unpack(v)):
+            layer.power_vector.assign(vector)
+    estimates = {}
+    for g, layer in enumerate(ordered):
+        layer.lipschitz_estimate.assign(ops.stop_gradient(sigma[g]))
+        estimates[id(layer)] = sigma[g] * layer._activation_bound
+    return [estimates[id(layer)] for layer in layers]
+
+
 class SpectralNormCache:
     """Mixin for linear layers that train with power iteration.
 
@@ -122,9 +175,9 @@ class SpectralNormCache:
     norm times `activation_bound(self)`, fixed at build time.
 
     On several devices the caches stay identical on every replica after
-    every step, because each update is a function of the kernel and of the
-    previous vector alone, never of the batch, and both are already the same
-    everywhere:
+    every step, because each update is a function of the kernel, the
+    previous vector and the previous estimate alone, never of the batch, and
+    all are already the same everywhere:
 
     - tf.distribute (`MirroredStrategy`, `MultiWorkerMirroredStrategy`): the
       kernel is a mirrored variable that the strategy's all-reduced update
@@ -146,8 +199,7 @@ class SpectralNormCache:
     def _build_cache(self):
         self._activation_bound = activation_bound(self)
         self.power_vector = self._cache_weight(
-            "power_vector", (1,) + tuple(self._operator_input_shape),
-            keras.initializers.RandomNormal(seed=0),
+            "power_vector", (1,) + tuple(self._operator_input_shape), _unit_random_normal,
         )
         self.lipschitz_estimate = self._cache_weight("lipschitz_estimate", (), "zeros")
         self.lipschitz_bound = self._cache_weight("lipschitz_bound", (), "zeros")
@@ -180,9 +232,8 @@ class SpectralNormCache:
     def load_own_variables(self, store):
         keras.layers.Layer.load_own_variables(self, store)
 
-    def _unit_power_vector(self):
-        v = ops.convert_to_tensor(self.power_vector)
-        return v / ops.sqrt(ops.sum(ops.square(v)))
+    def _scale(self):
+        return ops.reshape(ops.convert_to_tensor(self.lipschitz_estimate), (1,))
 
     def power_step(self, iterations=1):
         """Advances the cached power iteration; for use during training.
@@ -195,11 +246,7 @@ class SpectralNormCache:
             differentiable with respect to the kernel. A lower bound, never a
             certificate.
         """
-        kernel = ops.cast(self.kernel, "float32")
-        sigma, v = lipschitz.power_step(self._operator(kernel), self._unit_power_vector(), iterations)
-        self.power_vector.assign(v)
-        self.lipschitz_estimate.assign(ops.stop_gradient(sigma))
-        return sigma * self._activation_bound
+        return power_steps([self], iterations)[0]
 
     def estimate(self):
         """The cached estimate (from the latest `power_step` or `converge`),
@@ -215,16 +262,22 @@ class SpectralNormCache:
         if self._converge_step is None:
             # The kernel is an argument, so one compilation serves every
             # later refresh.
-            self._converge_step = backend.compiled(
-                lambda kernel, v: lipschitz.power_step(self._operator(kernel), v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
-            )
+            def step(kernel, v, scales):
+                operator = lipschitz.stack([self._operator(kernel)])
+                return lipschitz.power_step([operator], v, lipschitz.CONVERGENCE_STEP_ITERATIONS, scales)
+
+            self._converge_step = backend.compiled(step)
         kernel = ops.cast(self.kernel, "float32")
-        sigma, v = lipschitz.power_converge(
-            lambda v: self._converge_step(kernel, v), self._unit_power_vector()
+        operator = lipschitz.stack([self._operator(kernel)])
+        sigma, (v,) = lipschitz.power_converge(
+            lambda v, scales: self._converge_step(kernel, v, scales),
+            [operator.pack([ops.convert_to_tensor(self.power_vector)])],
+            self._scale(),
         )
+        (v,) = operator.unpack(v)
         self.power_vector.assign(v)
-        self.lipschitz_estimate.assign(sigma)
-        return sigma * self._activation_bound
+        self.lipschitz_estimate.assign(sigma[0])
+        return float(sigma[0]) * self._activation_bound
 
     def guaranteed_bound(self):
         """Computes, caches and returns the guaranteed bound of this layer.

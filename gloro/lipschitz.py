@@ -2,11 +2,13 @@
 
 Two kinds of numbers come out of this module:
 
-* **Estimates** (`power_step`, `power_converge`): power iteration on a linear
-  operator, written with `keras.ops` so that it runs on every backend. Cheap
-  enough to run once per training step and differentiable, but it approaches
-  the spectral norm from *below* (`||A v|| <= sigma_max(A)` for every unit
-  `v`). Estimates drive training and never certify anything.
+* **Estimates** (`power_step`, `power_converge`): power iteration on linear
+  operators, written with `keras.ops` so that it runs on every backend.
+  Operators of one shape `stack` into one, so that a step of all of them is
+  one operation. Cheap enough to run once per training step and
+  differentiable, but it approaches the spectral norm from *below*
+  (`||A v|| <= sigma_max(A)` for every unit `v`). Estimates drive training
+  and never certify anything.
 * **Guaranteed bounds** (`dense_bound`, `conv_bound`, `average_pooling_bound`,
   `max_pooling_bound`, `pairwise_column_distances`, and the rules that
   combine branches: `sum_bound`, `mean_bound`, `concatenation_bound`):
@@ -453,27 +455,69 @@ def pairwise_column_distances_ops(kernel):
 
 
 class DenseOperator:
-    """`x -> x @ kernel` as a linear operator on row vectors, in `keras.ops`.
+    """`x -> x @ kernel` as a linear operator on row vectors, in `keras.ops`;
+    or `G` such operators of one shape, stacked, that power iteration
+    advances together.
+
+    Vectors are `(G, k_in)`: one row per kernel.
 
     Args:
-        kernel: tensor `(k_in, k_out)`.
+        kernel: tensor `(k_in, k_out)`, or `(G, k_in, k_out)` for a stack.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self._stacked = keras.ops.ndim(kernel) == 3
+        self.members = kernel.shape[0] if self._stacked else 1
+
+    @property
+    def stack_key(self):
+        """Operators with equal keys stack into one (see `stack`)."""
+        return ("dense",) + tuple(self.kernel.shape[-2:])
 
     def apply(self, v):
-        """`v @ kernel` for `v` of shape `(1, k_in)`."""
+        """`v @ kernel`, row by row."""
+        if self._stacked:
+            return keras.ops.einsum("gi,gio->go", v, self.kernel)
         return keras.ops.matmul(v, self.kernel)
 
     def transpose(self, u):
-        """The adjoint: `u @ kernel^T` for `u` of shape `(1, k_out)`."""
+        """The adjoint: `u @ kernel^T`, row by row."""
+        if self._stacked:
+            return keras.ops.einsum("go,gio->gi", u, self.kernel)
         return keras.ops.matmul(u, keras.ops.transpose(self.kernel))
 
-    def stop_gradient(self):
-        """The same operator with its kernel cut from the gradient."""
+    def frozen(self, scales=None):
+        """The same operator with its kernel cut from the gradient and, if
+        `scales` (one per kernel) is given, divided by them."""
         # A tensor first: Keras' torch stop_gradient takes no NumPy array.
-        return DenseOperator(keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)))
+        kernel = keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel))
+        if scales is not None:
+            kernel = kernel / (keras.ops.reshape(scales, (-1, 1, 1)) if self._stacked else scales[0])
+        return DenseOperator(kernel)
+
+    def norm_range(self):
+        """`(low, high)`, each `(G,)`: `||K||_F / sqrt(k_in) <= ||K||_2 <=
+        ||K||_F` for each kernel (a range for scaling, not a bound)."""
+        frobenius = keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.kernel), axis=(-2, -1)))
+        frobenius = keras.ops.reshape(frobenius, (-1,))
+        return frobenius / math.sqrt(self.kernel.shape[-2]), frobenius
+
+    def squared_norms(self, x):
+        """`(G,)`: each row's squared L2 norm."""
+        return keras.ops.sum(keras.ops.square(x), axis=1)
+
+    def per_member(self, values):
+        """`(G,)` values shaped to broadcast against vectors."""
+        return keras.ops.reshape(values, (-1, 1))
+
+    def pack(self, vectors):
+        """One vector per kernel, each `(1, k_in)`, as this operator's `(G, k_in)`."""
+        return keras.ops.concatenate(vectors, axis=0) if len(vectors) > 1 else vectors[0]
+
+    def unpack(self, v):
+        """The inverse of `pack`."""
+        return [v[g : g + 1] for g in range(v.shape[0])]
 
 
 def _dilate_ops(kernel, dilation_rate):
@@ -498,6 +542,11 @@ class ConvOperator:
     dilated transposed convolution, and a single kernel for both directions
     keeps `transpose` the exact adjoint of `apply`.
 
+    Vectors are `(1, h, w, c)` (one operator, `G = 1`). A stride-1, "same",
+    undilated convolution with an odd kernel stacks with others of its
+    spatial size and kernel size into a `GroupedConvOperator` (see `stack`),
+    which is also the cheaper form of one.
+
     Args:
         kernel: tensor `(kh, kw, cin, cout)`.
         input_shape: `(1, h, w, cin)`.
@@ -512,6 +561,7 @@ class ConvOperator:
         self.strides = _pair(strides)
         self.padding = padding.lower()
         self.dilation_rate = _pair(dilation_rate)
+        self.members = 1
         self._dilated = _dilate_ops(kernel, self.dilation_rate)
         # Zeros the forward pass adds before the input, per axis.
         self._pad_before = tuple(
@@ -520,6 +570,21 @@ class ConvOperator:
                 self.input_shape[1:3], self._dilated.shape[:2], self.strides
             )
         )
+
+    @property
+    def stack_key(self):
+        """Operators with equal keys stack into one (see `stack`); None for
+        a convolution that stacks with none."""
+        kh, kw = self.kernel.shape[:2]
+        if (
+            self.strides == (1, 1)
+            and self.dilation_rate == (1, 1)
+            and self.padding == "same"
+            and kh % 2 == 1
+            and kw % 2 == 1
+        ):
+            return ("conv_same", self.input_shape[1], self.input_shape[2], kh, kw)
+        return None
 
     def apply(self, v):
         """The convolution of `v`, shaped `input_shape`."""
@@ -536,88 +601,276 @@ class ConvOperator:
         writes, when the kernel is smaller than the stride); both are zero
         in the adjoint, hence the padding at the end before cropping.
         """
+        h, w = self.input_shape[1:3]
+        if self.padding == "same" and h % self.strides[0] == 0 and w % self.strides[1] == 0:
+            # The output then has exactly the input's size, and Keras'
+            # "same" transposed convolution is the gradient of its "same"
+            # convolution: one operation, no crop.
+            return keras.ops.conv_transpose(u, self._dilated, strides=self.strides, padding="same")
         grid = keras.ops.conv_transpose(
             u, self._dilated, strides=self.strides, padding="valid"
         )
-        (h, w), (top, left) = self.input_shape[1:3], self._pad_before
+        top, left = self._pad_before
         extra_h = max(top + h - grid.shape[1], 0)
         extra_w = max(left + w - grid.shape[2], 0)
         if extra_h or extra_w:
             grid = keras.ops.pad(grid, [(0, 0), (0, extra_h), (0, extra_w), (0, 0)])
         return grid[:, top : top + h, left : left + w, :]
 
-    def stop_gradient(self):
-        """The same operator with its kernel cut from the gradient."""
-        return ConvOperator(
-            keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel)),
-            self.input_shape,
-            self.strides,
-            self.padding,
-            self.dilation_rate,
-        )
+    def frozen(self, scales=None):
+        """The same operator with its kernel cut from the gradient and, if
+        `scales` (one value) is given, divided by it."""
+        kernel = keras.ops.stop_gradient(keras.ops.convert_to_tensor(self.kernel))
+        if scales is not None:
+            kernel = kernel / scales[0]
+        return ConvOperator(kernel, self.input_shape, self.strides, self.padding, self.dilation_rate)
+
+    def norm_range(self):
+        """`(low, high)`, each `(1,)`: about where the operator norm lies,
+        from the kernel's Frobenius norm (`high = sqrt(taps) ||K||_F` bounds
+        it; `low = ||K||_F / sqrt(cin)` is its value on a lone interior
+        pixel, a range for scaling, not a bound)."""
+        kh, kw, cin, _ = self.kernel.shape
+        frobenius = keras.ops.reshape(keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.kernel))), (1,))
+        return frobenius / math.sqrt(cin), frobenius * math.sqrt(kh * kw)
+
+    def squared_norms(self, x):
+        """`(1,)`: the squared L2 norm of `x`."""
+        return keras.ops.reshape(keras.ops.sum(keras.ops.square(x)), (1,))
+
+    def per_member(self, values):
+        """`(1,)` values shaped to broadcast against vectors."""
+        return keras.ops.reshape(values, (1, 1, 1, 1))
+
+    def pack(self, vectors):
+        """`[v]` as this operator's vector."""
+        (v,) = vectors
+        return v
+
+    def unpack(self, v):
+        """The inverse of `pack`."""
+        return [v]
+
+
+class GroupedConvOperator:
+    """`G` stride-1, "same", undilated convolutions with odd kernels of one
+    size, on inputs of one height and width, as one grouped convolution.
+
+    Each kernel is padded with zeros to the largest input and output channel
+    counts (which changes no operator norm: the added inputs are ignored and
+    the added outputs are zero). The adjoint of a stride-1 "same"
+    convolution with an odd kernel is the "same" convolution with the kernel
+    flipped in space and its channel axes swapped (the padding is symmetric),
+    so both directions are one grouped convolution for all `G`.
+
+    Vectors are `(1, h, w, G, c_in)`: member `g` is `v[:, :, :, g]`.
+
+    Args:
+        kernels: list of tensors `(kh, kw, cin_g, cout_g)`.
+        spatial_shape: `(h, w)` of the inputs.
+    """
+
+    def __init__(self, kernels, spatial_shape):
+        self.kernels = list(kernels)
+        self.members = len(self.kernels)
+        self.spatial_shape = tuple(spatial_shape)
+        self._cin = max(k.shape[2] for k in self.kernels)
+        self._cout = max(k.shape[3] for k in self.kernels)
+        self._in_channels = [k.shape[2] for k in self.kernels]
+        padded = [
+            keras.ops.pad(k, [(0, 0), (0, 0), (0, self._cin - k.shape[2]), (0, self._cout - k.shape[3])])
+            for k in self.kernels
+        ]
+        self._forward = keras.ops.concatenate(padded, axis=-1) if len(padded) > 1 else padded[0]
+        adjoints = [keras.ops.transpose(keras.ops.flip(k, axis=(0, 1)), (0, 1, 3, 2)) for k in padded]
+        self._adjoint = keras.ops.concatenate(adjoints, axis=-1) if len(adjoints) > 1 else adjoints[0]
+
+    def _conv(self, x, kernel, channels):
+        h, w = self.spatial_shape
+        groups = len(self.kernels)
+        y = keras.ops.conv(keras.ops.reshape(x, (1, h, w, -1)), kernel, padding="same")
+        return keras.ops.reshape(y, (1, h, w, groups, channels))
+
+    def apply(self, v):
+        """Each member's convolution of its vector."""
+        return self._conv(v, self._forward, self._cout)
+
+    def transpose(self, u):
+        """Each member's adjoint, for `u` shaped like `apply`'s output."""
+        return self._conv(u, self._adjoint, self._cin)
+
+    def frozen(self, scales=None):
+        """The same operator with its kernels cut from the gradient and, if
+        `scales` (one per kernel) is given, divided by them."""
+        kernels = [keras.ops.stop_gradient(keras.ops.convert_to_tensor(k)) for k in self.kernels]
+        if scales is not None:
+            kernels = [k / scales[g] for g, k in enumerate(kernels)]
+        return GroupedConvOperator(kernels, self.spatial_shape)
+
+    def norm_range(self):
+        """`(low, high)`, each `(G,)`: as `ConvOperator.norm_range`, per
+        member."""
+        kh, kw = self._forward.shape[:2]
+        stacked = keras.ops.reshape(self._forward, (kh, kw, self._cin, self.members, self._cout))
+        frobenius = keras.ops.sqrt(keras.ops.sum(keras.ops.square(stacked), axis=(0, 1, 2, 4)))
+        fan_in = np.sqrt(np.asarray(self._in_channels, np.float32))
+        return frobenius / fan_in, frobenius * math.sqrt(kh * kw)
+
+    def squared_norms(self, x):
+        """`(G,)`: each member's squared L2 norm."""
+        return keras.ops.sum(keras.ops.square(x), axis=(0, 1, 2, 4))
+
+    def per_member(self, values):
+        """`(G,)` values shaped to broadcast against vectors."""
+        return keras.ops.reshape(values, (1, 1, 1, -1, 1))
+
+    def pack(self, vectors):
+        """One vector per kernel, each `(1, h, w, cin_g)`, as this
+        operator's `(1, h, w, G, c_in)`."""
+        padded = [
+            keras.ops.pad(v, [(0, 0), (0, 0), (0, 0), (0, self._cin - v.shape[3])]) for v in vectors
+        ]
+        return keras.ops.stack(padded, axis=3)
+
+    def unpack(self, v):
+        """The inverse of `pack`."""
+        return [v[:, :, :, g, :channels] for g, channels in enumerate(self._in_channels)]
+
+
+def stack(operators):
+    """One operator that runs `operators` (of equal, non-None `stack_key`,
+    or a single one) together.
+
+    Args:
+        operators: a list of `DenseOperator` or `ConvOperator`.
+
+    Returns:
+        a `DenseOperator` (stacked for two or more), a
+        `GroupedConvOperator`, or the one `ConvOperator` that stacks with
+        none.
+    """
+    key = operators[0].stack_key
+    if len(operators) > 1 and (key is None or any(op.stack_key != key for op in operators)):
+        raise ValueError("Only operators of one stack_key stack together.")
+    if key is None:
+        return operators[0]
+    if key[0] == "dense":
+        if len(operators) == 1:
+            return operators[0]
+        return DenseOperator(keras.ops.stack([op.kernel for op in operators]))
+    return GroupedConvOperator([op.kernel for op in operators], key[1:3])
 
 
 # ------------------------------------------------------------ power iteration
 
 
-def _norm(x):
+def _safe_sqrt(squares):
     # sqrt has an infinite derivative at 0 (a zero kernel): there the
     # gradient is taken as 0 instead of NaN.
-    squares = keras.ops.sum(keras.ops.square(x))
     positive = squares > 0
     return keras.ops.where(positive, keras.ops.sqrt(keras.ops.where(positive, squares, 1.0)), 0.0)
 
 
-def _normalize(w, fallback):
-    # No epsilon in the denominator: it would bias the estimate down for small
-    # weights. A zero vector (zero kernel) keeps the previous direction.
-    norm = _norm(w)
-    return keras.ops.where(norm > 0, w / keras.ops.where(norm > 0, norm, 1.0), fallback)
+def _squared_norms(operators, tensors):
+    """One vector of every member's squared norm, in order."""
+    squares = [op.squared_norms(x) for op, x in zip(operators, tensors)]
+    return keras.ops.concatenate(squares) if len(squares) > 1 else squares[0]
 
 
-def power_step(operator, v, iterations=1):
-    """Advances power iteration on `operator` from the unit vector `v`.
+def power_step(operators, vectors, iterations=1, scales=None):
+    """Advances power iteration on several operators at once.
 
-    The iterations run on a copy of the operator whose kernel is cut from the
-    gradient, so no second-order graph is built; the gradient reaches the
-    kernel only through `sigma = ||A v||` with the new `v` held constant.
+    The iterations run on copies of the operators whose kernels are cut
+    from the gradient, so no second-order graph is built; the gradient
+    reaches the kernels only through `sigma = ||A v||` with the new `v` held
+    constant.
+
+    The iterates are normalised once, after the last step, not after every
+    one: a step costs two operator applications and nothing else. They are
+    kept near unit length by dividing the kernels by `scales`, estimates of
+    their norms (the previous estimates), clipped to the range the kernel's
+    Frobenius norm gives (`norm_range`), so `k` steps change their length
+    by `(sigma / scale) ** (2 k)`, within float32 for the step counts used
+    in training. Where they still overflow or vanish (a zero kernel, a
+    long convergence step on a far scale), the member keeps its previous
+    vector, and the next call starts from the estimate this one returns. The
+    direction is the same as with a normalisation after every step. The
+    bookkeeping of all members (scales, norms, estimates) is done on one
+    vector, so it costs a few operations, not a few per member.
 
     Args:
-        operator: a `DenseOperator` or `ConvOperator`.
-        v: current unit vector, shaped like the operator's input.
-        iterations: number of `v <- A^T A v / ||A^T A v||` steps.
+        operators: list of `DenseOperator`, `ConvOperator` or
+            `GroupedConvOperator` (see `stack`); `N` members in all.
+        vectors: the members' current unit vectors, one tensor per operator
+            in its layout (`operator.pack`).
+        iterations: number of `v <- A^T A v` steps.
+        scales: `(N,)` tensor of positive numbers near each member's norm
+            (the previous estimates); entries that are not finite and
+            positive (a first step, before any estimate) and None use the
+            low end of `norm_range`.
 
     Returns:
-        `(sigma, v)`: the estimate (a scalar tensor, at most the spectral
-        norm up to float rounding) and the new unit vector (gradient
-        stopped).
+        `(sigma, vectors)`: the estimates, an `(N,)` tensor (each at most
+        its member's spectral norm, up to float rounding), and the new unit
+        vectors, one tensor per operator (gradient stopped).
     """
-    frozen = operator.stop_gradient()
-    v = keras.ops.stop_gradient(keras.ops.convert_to_tensor(v))
-    for _ in range(iterations):
-        v = _normalize(frozen.transpose(frozen.apply(v)), v)
-    v = keras.ops.stop_gradient(v)
-    return _norm(operator.apply(v)), v
+    sizes = [op.members for op in operators]
+    offsets = np.cumsum([0] + sizes)
+    ranges = [op.frozen().norm_range() for op in operators]
+    low = keras.ops.concatenate([r[0] for r in ranges]) if len(ranges) > 1 else ranges[0][0]
+    high = keras.ops.concatenate([r[1] for r in ranges]) if len(ranges) > 1 else ranges[0][1]
+    if scales is None:
+        scales = low
+    scales = keras.ops.stop_gradient(keras.ops.convert_to_tensor(scales, "float32"))
+    # Clipped to where the norm lies, so that the iterates stay inside
+    # float32 whatever the previous estimate was.
+    scales = keras.ops.where(
+        keras.ops.isfinite(scales) & (scales > 0), keras.ops.clip(scales, low, high), low
+    )
+    iterates, previous = [], []
+    for g, (op, v) in enumerate(zip(operators, vectors)):
+        frozen = op.frozen(scales[offsets[g] : offsets[g + 1]])
+        v = keras.ops.stop_gradient(keras.ops.convert_to_tensor(v))
+        w = v
+        for _ in range(iterations):
+            w = frozen.transpose(frozen.apply(w))
+        iterates.append(w)
+        previous.append(v)
+    squares = _squared_norms(operators, iterates)
+    usable = keras.ops.isfinite(squares) & (squares > 0)
+    norms = keras.ops.sqrt(keras.ops.where(usable, squares, 1.0))
+    vectors = []
+    for g, (op, w, v) in enumerate(zip(operators, iterates, previous)):
+        part = slice(offsets[g], offsets[g + 1])
+        w = w / op.per_member(norms[part])
+        vectors.append(keras.ops.stop_gradient(keras.ops.where(op.per_member(usable[part]), w, v)))
+    images = [op.apply(v) for op, v in zip(operators, vectors)]
+    return _safe_sqrt(_squared_norms(operators, images)), vectors
 
 
-def power_converge(step, v):
-    """Runs power iteration until the estimate stops moving.
+def power_converge(step, v, scales=None):
+    """Runs power iteration until every estimate stops moving.
 
     Args:
-        step: a function `v -> (sigma, v)` taking
+        step: a function `(v, scales) -> (sigma, v)` taking
             `CONVERGENCE_STEP_ITERATIONS` `power_step` iterations on the
-            current kernel; the caller compiles it once, since compiling it
-            anew for every call would retrace each time.
-        v: starting unit vector.
+            current kernels (`v` as `power_step`'s `vectors`); the caller
+            compiles it once, since compiling it anew for every call would
+            retrace each time.
+        v: starting unit vectors.
+        scales: `(G,)` estimates of the norms for the first call (see
+            `power_step`); later calls use the previous estimates.
 
     Returns:
-        `(sigma, v)`: the estimate as a Python float and the last vector.
+        `(sigma, v)`: the estimates as a NumPy float64 array `(G,)` and the
+        last vectors.
     """
-    sigma, previous = 0.0, -1.0
+    scales = np.ones(1, np.float32) if scales is None else keras.ops.convert_to_numpy(scales)
+    previous = np.full(np.shape(scales), -1.0)
     for _ in range(MAX_CONVERGENCE_ITERATIONS // CONVERGENCE_STEP_ITERATIONS):
-        sigma_t, v = step(v)
-        sigma = float(keras.ops.convert_to_numpy(sigma_t))
-        if abs(sigma - previous) <= CONVERGENCE_TOLERANCE * sigma:
+        sigma_t, v = step(v, scales)
+        sigma = np.asarray(keras.ops.convert_to_numpy(sigma_t), np.float64)
+        if np.all(np.abs(sigma - previous) <= CONVERGENCE_TOLERANCE * sigma):
             break
-        previous = sigma
+        previous, scales = sigma, sigma.astype(np.float32)
     return sigma, v

@@ -301,7 +301,9 @@ class GloroNet(_GloroSteps, keras.Model):
                 logits = self.f(x, training=False)
         epsilon = ops.convert_to_tensor(self._epsilon)
         if training:
-            lipschitz_h = self._features_bound(lambda layer: layer.power_step(self.power_iterations))
+            estimates = gloro_layers.power_steps(self._spectral, self.power_iterations)
+            by_layer = {id(layer): estimate for layer, estimate in zip(self._spectral, estimates)}
+            lipschitz_h = self._features_bound(lambda layer: by_layer[id(layer)])
             kernel = ops.cast(self._head.kernel, "float32")
             margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_ops(kernel)
             certify = ops.convert_to_tensor(True)

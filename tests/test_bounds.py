@@ -129,6 +129,11 @@ CONV_CASES = [
     # Kernels smaller than the stride (rows no window reads or writes).
     ((7, 7, 2), 3, 1, 2, "same", 1),
     ((8, 7, 1), 2, 2, 3, "valid", 1),
+    # "Same" with an input the stride divides, whose adjoint is Keras'
+    # "same" transposed convolution: even kernels pad unevenly.
+    ((6, 6, 2), 2, 4, 1, "same", 1),
+    ((12, 12, 2), 2, 4, 4, "same", 1),
+    ((8, 8, 2), 3, 2, 2, "same", 1),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 
@@ -317,21 +322,21 @@ def check_power_iteration(operator, v, exact):
     # training takes them, stays below the norm (up to float32 rounding).
     # Compiled once, as layers run it.
     @compiled
-    def steps(v):
-        single, _ = lipschitz.power_step(operator, v)
-        sigma, v = lipschitz.power_step(operator, v, lipschitz.CONVERGENCE_STEP_ITERATIONS)
+    def steps(v, scales):
+        single, _ = lipschitz.power_step([operator], v, 1, scales)
+        sigma, v = lipschitz.power_step([operator], v, lipschitz.CONVERGENCE_STEP_ITERATIONS, scales)
         return single, sigma, v
 
     estimates = []
 
-    def step(v):
-        single, sigma, v = steps(v)
-        estimates.extend(float(keras.ops.convert_to_numpy(s)) for s in (single, sigma))
+    def step(v, scales):
+        single, sigma, v = steps(v, scales)
+        estimates.extend(float(keras.ops.convert_to_numpy(s)[0]) for s in (single, sigma))
         return sigma, v
 
-    sigma, _ = lipschitz.power_converge(step, v)
+    sigma, _ = lipschitz.power_converge(step, [v])
     assert max(estimates) <= exact * (1 + FLOAT32_REL)
-    assert sigma == pytest.approx(exact, rel=1e-4)
+    assert sigma[0] == pytest.approx(exact, rel=1e-4)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
@@ -354,10 +359,10 @@ def test_power_step_gradient_flows_through_sigma_only(rng):
     # With v held constant, d||v K|| / dK = v^T (v K) / ||v K||.
     kernel = rng.normal(size=(5, 3)).astype(np.float32)
     v0 = unit(rng, (1, 5))
-    _, v = lipschitz.power_step(lipschitz.DenseOperator(kernel), v0, 3)
+    _, (v,) = lipschitz.power_step([lipschitz.DenseOperator(kernel)], [v0], 3)
     v = keras.ops.convert_to_numpy(v).astype(np.float64)
     grad = gradient(
-        lambda k: lipschitz.power_step(lipschitz.DenseOperator(k), v0, 3)[0], kernel
+        lambda k: lipschitz.power_step([lipschitz.DenseOperator(k)], [v0], 3)[0][0], kernel
     )
     image = v @ kernel
     expected = v.T @ image / np.linalg.norm(image)
@@ -372,11 +377,11 @@ def test_power_step_gradient_reaches_dilated_taps(rng):
 
     def sigma(k):
         operator = lipschitz.ConvOperator(k, (1,) + input_shape, strides, padding, dilation)
-        return lipschitz.power_step(operator, v0, 2)
+        return lipschitz.power_step([operator], [v0], 2)
 
-    _, v = sigma(kernel)
+    _, (v,) = sigma(kernel)
     v = keras.ops.convert_to_numpy(v).astype(np.float64).reshape(-1)
-    grad = gradient(lambda k: sigma(k)[0], kernel)
+    grad = gradient(lambda k: sigma(k)[0][0], kernel)
     expected = np.zeros(kernel.shape)
     step = 1e-6
     for index in np.ndindex(kernel.shape):
@@ -393,10 +398,10 @@ def test_power_step_gradient_reaches_dilated_taps(rng):
 def test_power_step_on_zero_kernel_keeps_direction():
     kernel = np.zeros((4, 3), np.float32)
     v0 = np.full((1, 4), 0.5, np.float32)
-    sigma, v = lipschitz.power_step(lipschitz.DenseOperator(kernel), v0, 2)
-    assert float(sigma) == 0.0
+    sigma, (v,) = lipschitz.power_step([lipschitz.DenseOperator(kernel)], [v0], 2)
+    assert float(keras.ops.convert_to_numpy(sigma)[0]) == 0.0
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), v0)
-    grad = gradient(lambda k: lipschitz.power_step(lipschitz.DenseOperator(k), v0)[0], kernel)
+    grad = gradient(lambda k: lipschitz.power_step([lipschitz.DenseOperator(k)], [v0])[0][0], kernel)
     assert np.all(np.isfinite(grad))
 
 
@@ -575,3 +580,101 @@ def test_module_imports_no_tensorflow():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+# ------------------------------------------------------ stacked operators
+
+
+def test_grouped_conv_is_each_member_and_its_exact_adjoint(rng):
+    # Kernels of different channel counts, padded into one grouped
+    # convolution: each member must compute exactly its own convolution,
+    # and `transpose` must be each member's adjoint (materialised operators).
+    shapes = [(3, 3, 2, 4), (3, 3, 4, 4), (3, 3, 4, 3)]
+    kernels = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    singles = [lipschitz.ConvOperator(k, (1, 5, 6, k.shape[2]), 1, "same", 1) for k in kernels]
+    assert len({op.stack_key for op in singles}) == 1
+    grouped = lipschitz.stack(singles)
+    assert isinstance(grouped, lipschitz.GroupedConvOperator) and grouped.members == 3
+    vectors = [rng.normal(size=(1, 5, 6, k.shape[2])).astype(np.float32) for k in kernels]
+    images = keras.ops.convert_to_numpy(grouped.apply(grouped.pack(vectors)))
+    for g, (v, k) in enumerate(zip(vectors, kernels)):
+        image = images[:, :, :, g]
+        expected = v.reshape(1, -1).astype(np.float64) @ lipschitz.conv_matrix(k, (5, 6, k.shape[2]), 1, "same", 1)
+        # Output channels beyond a narrower kernel's are zero.
+        np.testing.assert_array_equal(image[..., k.shape[3]:], 0.0)
+        np.testing.assert_allclose(image[..., : k.shape[3]].reshape(1, -1), expected, rtol=1e-4, atol=1e-4)
+    outputs = [rng.normal(size=(1, 5, 6, 4)).astype(np.float32) for _ in kernels]
+    back = grouped.unpack(grouped.transpose(keras.ops.stack(outputs, axis=3)))
+    for u, b, k in zip(outputs, back, kernels):
+        reference = lipschitz.conv_matrix(k, (5, 6, k.shape[2]), 1, "same", 1)
+        # Padded output channels of a narrower kernel are zero and ignored.
+        u_real = u[..., : k.shape[3]].reshape(1, -1).astype(np.float64)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(b).reshape(1, -1), u_real @ reference.T, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_stacked_power_step_equals_each_member_alone(rng):
+    # Stacking changes the number of operations, not the numbers: two Dense
+    # kernels and two convolutions, stepped together and one by one.
+    dense = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2)]
+    convs = [rng.normal(size=(3, 3, 2, 3)).astype(np.float32), rng.normal(size=(3, 3, 3, 3)).astype(np.float32)]
+    dense_ops = [lipschitz.DenseOperator(k) for k in dense]
+    conv_ops = [lipschitz.ConvOperator(k, (1, 4, 4, k.shape[2]), 1, "same", 1) for k in convs]
+    dense_v = [unit(rng, (1, 6)) for _ in dense]
+    conv_v = [unit(rng, (1, 4, 4, k.shape[2])) for k in convs]
+    scales = np.array([2.0, 0.5, 1.5, 3.0], np.float32)
+    stacked = [lipschitz.stack(dense_ops), lipschitz.stack(conv_ops)]
+    sigma, vectors = lipschitz.power_step(
+        stacked, [stacked[0].pack(dense_v), stacked[1].pack(conv_v)], 5, scales
+    )
+    together = keras.ops.convert_to_numpy(sigma)
+    alone = []
+    for g, (op, v) in enumerate(zip(dense_ops + conv_ops, dense_v + conv_v)):
+        s, (w,) = lipschitz.power_step([op], [v], 5, scales[g : g + 1])
+        alone.append(float(keras.ops.convert_to_numpy(s)[0]))
+        stacked_op = stacked[0] if g < 2 else stacked[1]
+        mine = stacked_op.unpack(vectors[0] if g < 2 else vectors[1])[g % 2]
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(w), atol=1e-5)
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+
+
+def test_power_step_without_normalising_each_step_follows_exact_iteration(rng):
+    # Against float64 power iteration on the materialised operator, with a
+    # normalisation after every step: the same direction and estimate.
+    kernel = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+    matrix = lipschitz.conv_matrix(kernel, (5, 5, 2), 1, "same", 1)
+    v0 = unit(rng, (1, 5, 5, 2))
+    x = v0.reshape(1, -1).astype(np.float64)
+    for _ in range(6):
+        x = x @ matrix @ matrix.T
+        x /= np.linalg.norm(x)
+    operator = lipschitz.stack([lipschitz.ConvOperator(kernel, (1, 5, 5, 2), 1, "same", 1)])
+    sigma, (v,) = lipschitz.power_step([operator], [operator.pack([v0])], 6, np.array([2.0], np.float32))
+    (v,) = operator.unpack(v)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(v).reshape(1, -1), x, atol=1e-5)
+    assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(np.linalg.norm(x @ matrix), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_power_step_stays_in_float32_from_any_previous_estimate(scale, rng):
+    # A previous estimate far from the norm is clipped to the kernel's
+    # Frobenius range, so the unnormalised iterates stay inside float32 and
+    # converge; a kernel scaled far from 1 too.
+    kernel = (rng.normal(size=(8, 5)) * scale).astype(np.float32)
+    exact = exact_norm(kernel.astype(np.float64))
+    operator = lipschitz.DenseOperator(kernel)
+    for previous in (1e-30, 1.0, 1e30, np.nan):
+        sigma, (v,) = lipschitz.power_step([operator], [unit(rng, (1, 8))], 8, np.array([previous], np.float32))
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+        sigma, _ = lipschitz.power_step([operator], [v], 30, sigma)
+        assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(exact, rel=1e-3)
+
+
+def test_power_step_keeps_its_vector_on_a_zero_kernel(rng):
+    # Nothing to iterate: the vector stays, the estimate is 0.
+    v0 = unit(rng, (1, 4, 4, 2))
+    operator = lipschitz.stack([lipschitz.ConvOperator(np.zeros((3, 3, 2, 2), np.float32), (1, 4, 4, 2), 1, "same", 1)])
+    sigma, (v,) = lipschitz.power_step([operator], [operator.pack([v0])], 8, np.array([1.0], np.float32))
+    assert float(keras.ops.convert_to_numpy(sigma)[0]) == 0.0
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(operator.unpack(v)[0]), v0)
