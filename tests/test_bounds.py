@@ -658,17 +658,23 @@ def test_power_step_without_normalising_each_step_follows_exact_iteration(rng):
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_power_step_stays_in_float32_from_any_previous_estimate(scale, rng):
-    # A previous estimate far from the norm is clipped to the kernel's
-    # Frobenius range, so the unnormalised iterates stay inside float32 and
-    # converge; a kernel scaled far from 1 too.
+    # Whatever the previous estimate (a scale that makes the unnormalised
+    # iterates overflow or vanish, none at all), the vector stays finite and
+    # unit, the estimate a lower bound, and steps scaled by the returned
+    # estimates converge; from `initial_scales` at once.
     kernel = (rng.normal(size=(8, 5)) * scale).astype(np.float32)
     exact = exact_norm(kernel.astype(np.float64))
     operator = lipschitz.DenseOperator(kernel)
-    for previous in (1e-30, 1.0, 1e30, np.nan):
-        sigma, (v,) = lipschitz.power_step([operator], [unit(rng, (1, 8))], 8, np.array([previous], np.float32))
-        assert np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
-        sigma, _ = lipschitz.power_step([operator], [v], 30, sigma)
-        assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(exact, rel=1e-3)
+    for previous in (1e-30, 1.0, 1e30, np.nan, 0.0):
+        v0 = unit(rng, (1, 8))
+        for scales in (np.array([previous], np.float32), lipschitz.initial_scales([operator], [previous])):
+            sigma, (v,) = lipschitz.power_step([operator], [v0], 8, scales)
+            v = keras.ops.convert_to_numpy(v)
+            assert np.linalg.norm(v) == pytest.approx(1.0, rel=1e-5)
+            assert float(keras.ops.convert_to_numpy(sigma)[0]) <= exact * (1 + FLOAT32_REL)
+            for _ in range(6):
+                sigma, (v,) = lipschitz.power_step([operator], [v], 8, sigma)
+            assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(exact, rel=1e-3)
 
 
 def test_power_step_keeps_its_vector_on_a_zero_kernel(rng):
