@@ -208,6 +208,7 @@ class GloroNet(_GloroSteps, keras.Model):
         # another trace's tensors.
         self._forward_margins = None
         self._frozen_check = None
+        self._frozen_marks = None
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
@@ -381,11 +382,22 @@ class GloroNet(_GloroSteps, keras.Model):
         # One compiled call: run eagerly, the comparison would dispatch two
         # operations per weight, which costs milliseconds per `predict` on a
         # GPU.
+        # Where the backend can tell that no value changed since the last
+        # check that passed, the comparison is skipped: this only decides
+        # whether to freeze again, while every certificate still comes from
+        # the comparison inside the compiled call.
+        if backend.values_unchanged(self._certified_for, self._frozen_marks):
+            return True
         if self._frozen_check is None:
             self._frozen_check = backend.compiled(_all_equal)
-        values = [ops.convert_to_tensor(v) for v in self._certified_for]
-        copies = [ops.convert_to_tensor(v) for v in self._certified_copies]
-        return bool(ops.convert_to_numpy(self._frozen_check(values, copies)))
+        marks = backend.value_marks(self._certified_for)
+        # Tensors, not variables: TensorFlow would otherwise work out the
+        # call's signature from each variable anew, milliseconds a call.
+        values = [ops.convert_to_tensor(v.value) for v in self._certified_for]
+        copies = [ops.convert_to_tensor(v.value) for v in self._certified_copies]
+        frozen = bool(ops.convert_to_numpy(self._frozen_check(values, copies)))
+        self._frozen_marks = marks if frozen else None
+        return frozen
 
     def refresh_lipschitz(self):
         """Runs every layer's power iteration to convergence.
@@ -441,6 +453,7 @@ class GloroNet(_GloroSteps, keras.Model):
         `set_weights`, `load_weights`) are claims, so nothing certifies
         until they are recomputed from the weights, which the next
         `predict`, `evaluate`, `save`, ... does by itself."""
+        self._frozen_marks = None
         for copy in self._certified_copies:
             copy.assign(np.full(copy.shape, np.inf, keras.backend.standardize_dtype(copy.dtype)))
 

@@ -123,6 +123,21 @@ def test_direct_call_certifies_nothing_after_a_weight_change(change, trained, da
     assert np.all(np.argmax(out, axis=1) == 3)
 
 
+def test_a_change_the_value_marks_miss_still_certifies_nothing(trained, data, monkeypatch):
+    # The backend's value marks only spare the check that decides whether
+    # to freeze again. With marks that wrongly report every value unchanged
+    # (as torch's do for a change made through `.data`), a changed weight
+    # still certifies nothing, on every path.
+    x, _ = data
+    assert trained.lipschitz_frozen
+    monkeypatch.setattr(gloro.backend, "values_unchanged", lambda variables, marks: True)
+    scale_hidden_kernel(trained)
+    assert trained.lipschitz_frozen
+    outputs = [trained.predict_on_batch(x), trained.predict(x, verbose=0), trained(x, training=False)]
+    for out in outputs:
+        assert np.all(np.argmax(keras.ops.convert_to_numpy(out), axis=1) == 3)
+
+
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_entry_points_refreeze_for_the_new_weights(change, trained, data, tmp_path):
     x, y = data

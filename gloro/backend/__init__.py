@@ -59,6 +59,9 @@ top_k = _impl.top_k
 full_precision = _impl.full_precision
 average_pooling_replicates_edges = _impl.average_pooling_replicates_edges
 GloroSteps = _impl.GloroSteps
+value_marks = _impl.value_marks
+pair_min_max = _impl.pair_min_max
+values_unchanged = _impl.values_unchanged
 
 
 def require_tensorflow(what):

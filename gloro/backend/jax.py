@@ -33,6 +33,45 @@ def compiled(fn):
     return jax.jit(fn)
 
 
+def pair_min_max(x):
+    """MinMax on channel pairs `(c0, c1), (c2, c3), ...` of the last axis.
+
+    Two strided slices: as fast as a reshape on this backend's CPU kernels,
+    and fewer kernels in XLA's compiled step.
+
+    Args:
+        x: tensor with an even last axis.
+
+    Returns:
+        tensor of `x`'s shape: each pair replaced by `(min, max)`.
+    """
+    first, second = x[..., 0::2], x[..., 1::2]
+    pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
+    return ops.reshape(pairs, ops.shape(x))
+
+
+def value_marks(variables):
+    """Marks of the variables' current values that `values_unchanged`
+    compares: the arrays themselves. A JAX array never changes, and every
+    assignment (an optimizer step, `assign`, loading) replaces it, so the
+    same array object means the same value. Holding them also keeps their
+    ids from being reused.
+
+    Args:
+        variables: Keras variables.
+
+    Returns:
+        a list of marks.
+    """
+    return [variable.value for variable in variables]
+
+
+def values_unchanged(variables, marks):
+    """Whether every variable still holds the value it held when `marks`
+    were taken (`value_marks`); False when unsure."""
+    return marks is not None and all(v.value is mark for v, mark in zip(variables, marks))
+
+
 def value_and_grad(fn):
     """Input gradient of a batched function.
 

@@ -54,6 +54,48 @@ def _tensor(value):
     return ops.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
 
 
+def pair_min_max(x):
+    """MinMax on channel pairs `(c0, c1), (c2, c3), ...` of the last axis.
+
+    Two strided slices: as fast as a reshape on this backend's CPU kernels,
+    and fewer kernels in XLA's compiled step.
+
+    Args:
+        x: tensor with an even last axis.
+
+    Returns:
+        tensor of `x`'s shape: each pair replaced by `(min, max)`.
+    """
+    first, second = x[..., 0::2], x[..., 1::2]
+    pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
+    return ops.reshape(pairs, ops.shape(x))
+
+
+def value_marks(variables):
+    """Marks of the variables' current values for `values_unchanged`: each
+    tensor with its version counter, which torch bumps on every in-place
+    change made through autograd-visible operations (optimizer steps,
+    `assign`, `copy_`). A change through `.data` bypasses the counter, so
+    the marks only spare a comparison; they never stand in for one where a
+    certificate depends on it.
+
+    Args:
+        variables: Keras variables.
+
+    Returns:
+        a list of `(tensor, version)` pairs.
+    """
+    return [(variable.value, variable.value._version) for variable in variables]
+
+
+def values_unchanged(variables, marks):
+    """Whether every variable still holds the tensor and version it held
+    when `marks` were taken (`value_marks`); False when unsure."""
+    return marks is not None and all(
+        v.value is tensor and v.value._version == version for v, (tensor, version) in zip(variables, marks)
+    )
+
+
 def value_and_grad(fn):
     """Input gradient of a batched function.
 
