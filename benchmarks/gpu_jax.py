@@ -30,13 +30,14 @@ from benchmarks import run  # noqa: E402
 
 # Training examples per network on the GPU: enough steps per epoch for a
 # stable median (run.py's CPU sizes are smaller for LiResNet).
-TRAIN_EXAMPLES = {"cnn_2C2F": 60_000, "cnn_6C2F": 10_000, "liresnet": 10_000}
-CERTIFY_EXAMPLES = {"liresnet": 10_000}
+TRAIN_EXAMPLES = {"cnn_2C2F": 60_000, "cnn_6C2F": 10_000, "liresnet": 10_000, "liresnet12_w256": 10_000}
+CERTIFY_EXAMPLES = {"liresnet": 10_000, "liresnet12_w256": 10_000}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--networks", default="cnn_2C2F,cnn_6C2F,liresnet")
+    # liresnet12_w256: LiResNet at the paper's scale (depth 12, width 256).
+    parser.add_argument("--networks", default="cnn_2C2F,cnn_6C2F,liresnet,liresnet12_w256")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--power-iterations", default="8",
                         help="comma-separated power-iteration steps per training step, one run each")

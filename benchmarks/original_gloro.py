@@ -81,6 +81,9 @@ def main(argv=None):
                    help="interleaved plain / original timing rounds (0: skip)")
     p.add_argument("--timing-epochs", type=int, default=4,
                    help="epochs per timing fit; the first (tracing) is not timed")
+    p.add_argument("--timing-batch", type=int, default=0, help="batch size of the timing fits (0: the recipe's)")
+    p.add_argument("--timing-examples", type=int, default=0,
+                   help="training examples of the timing fits (0: the recipe's; 60000: the README's recipe)")
     p.add_argument("--data-dir", default=_subset.DEFAULT_DATA_DIR)
     p.add_argument("--out", default=str(HERE / "original_gloro.json"))
     args = p.parse_args(argv)
@@ -149,8 +152,12 @@ def main(argv=None):
     if args.timing_rounds > 0:
         options = tf.data.Options()
         options.autotune.enabled = False
-        ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train_c))
-              .batch(_subset.RECIPE["batch_size"]).prefetch(2).with_options(options))
+        x_time, y_time = x_train, y_train_c
+        if args.timing_examples:
+            x_time, y_time = _subset.load(args.data_dir, train_examples=args.timing_examples)[:2]
+            y_time = y_time[:, None]
+        ds = (tf.data.Dataset.from_tensor_slices((x_time, y_time))
+              .batch(args.timing_batch or _subset.RECIPE["batch_size"]).prefetch(2).with_options(options))
         configs = ["plain", name]
         samples = {c: {"wall": [], "cpu": []} for c in configs}
         log(f"timing: {args.timing_rounds} interleaved rounds of {args.timing_epochs} epochs")

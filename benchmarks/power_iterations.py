@@ -210,7 +210,7 @@ def accuracy_runs(data, counts, seeds, with_plain, log, warm_counts=()):
     return runs
 
 
-def timing_runs(data, counts, rounds, epochs, log):
+def timing_runs(data, counts, rounds, epochs, log, batch_size=None):
     import keras
     import tensorflow as tf
 
@@ -218,7 +218,7 @@ def timing_runs(data, counts, rounds, epochs, log):
     options = tf.data.Options()
     options.autotune.enabled = False   # avoids end-of-iteration stalls (BENCHMARKS.md)
     ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
-          .batch(_subset.RECIPE["batch_size"]).prefetch(2).with_options(options))
+          .batch(batch_size or _subset.RECIPE["batch_size"]).prefetch(2).with_options(options))
     configs = [("plain", None)] + [(f"ours-{k}", k) for k in counts]
     samples = {name: {"wall": [], "cpu": [], "background_cores": []} for name, _ in configs}
     for r in range(rounds):
@@ -349,6 +349,9 @@ def main(
     seeds: str = typer.Option("0,1,2", help="seeds, comma-separated"),
     timing_rounds: int = typer.Option(2, help="interleaved timing rounds (0: skip the timing section)"),
     timing_epochs: int = typer.Option(4, help="epochs per timing fit; the first (tracing) is not timed"),
+    timing_batch: int = typer.Option(0, help="batch size of the timing fits (0: the recipe's)"),
+    timing_examples: int = typer.Option(
+        0, help="training examples of the timing fits (0: the recipe's; 60000: the README's recipe)"),
     plain: bool = typer.Option(True, help="also train the plain Keras network in the accuracy section"),
     warm_counts: str = typer.Option(
         "", help="also train these counts with the power iterations converged when fit begins (ours-<k>+warm)"),
@@ -404,7 +407,8 @@ def main(
         result["runs"] = accuracy_runs(data, counts_l, seeds_l, plain, log, result["warm_counts"])
         if timing_rounds > 0:
             log(f"timing: {timing_rounds} interleaved rounds of {timing_epochs} epochs")
-            result["timing"] = timing_runs(data, counts_l, timing_rounds, timing_epochs, log)
+            timing_data = _subset.load(data_dir, train_examples=timing_examples) if timing_examples else data
+            result["timing"] = timing_runs(timing_data, counts_l, timing_rounds, timing_epochs, log, timing_batch)
         result["machine"]["loadavg_at_end"] = os.getloadavg()
     result["summary"] = summarize(result)
     result["recommendation"] = recommend(result, orig)

@@ -161,7 +161,8 @@ def power_steps(layers, iterations=1):
     estimates = {}
     for g, layer in enumerate(ordered):
         layer.lipschitz_estimate.assign(ops.stop_gradient(sigma[g]))
-        estimates[id(layer)] = sigma[g] * layer._activation_bound
+        bound = layer._activation_bound
+        estimates[id(layer)] = sigma[g] if bound == 1.0 else sigma[g] * bound
     return [estimates[id(layer)] for layer in layers]
 
 

@@ -702,10 +702,24 @@ class GroupedConvOperator:
     def frozen(self, scales=None):
         """The same operator with its kernels cut from the gradient and, if
         `scales` (one per kernel) is given, divided by them."""
-        kernels = [keras.ops.stop_gradient(keras.ops.convert_to_tensor(k)) for k in self.kernels]
+        # From the stacked kernels, scaled per member in one operation each,
+        # rather than padding and stacking scaled copies anew.
+        frozen = object.__new__(GroupedConvOperator)
+        frozen.__dict__.update(self.__dict__)
+        frozen.kernels = [keras.ops.stop_gradient(keras.ops.convert_to_tensor(k)) for k in self.kernels]
+        forward = keras.ops.stop_gradient(self._forward)
+        adjoint = keras.ops.stop_gradient(self._adjoint)
         if scales is not None:
-            kernels = [k / scales[g] for g, k in enumerate(kernels)]
-        return GroupedConvOperator(kernels, self.spatial_shape)
+            kh, kw = forward.shape[:2]
+            per_member = keras.ops.reshape(scales, (1, 1, 1, self.members, 1))
+            forward = keras.ops.reshape(
+                keras.ops.reshape(forward, (kh, kw, self._cin, self.members, self._cout)) / per_member, forward.shape
+            )
+            adjoint = keras.ops.reshape(
+                keras.ops.reshape(adjoint, (kh, kw, self._cout, self.members, self._cin)) / per_member, adjoint.shape
+            )
+        frozen._forward, frozen._adjoint = forward, adjoint
+        return frozen
 
     def norm_range(self):
         """`(low, high)`, each `(G,)`: as `ConvOperator.norm_range`, per
