@@ -185,7 +185,7 @@ def main(argv=None):
         "seeds": result["seeds"], "vra": vras, "vra_mean": sum(vras) / len(vras),
         "clean_acc_mean": sum(r["clean_acc"] for r in result["runs"]) / len(vras),
         "fit_wall_mean_s": sum(r["fit_wall_s"] for r in result["runs"]) / len(vras),
-    }}
+    }} if vras else {}
     Path(args.out).write_text(json.dumps(result, indent=1))
     log(json.dumps(result["summary"], indent=1))
     if "timing" in result:
