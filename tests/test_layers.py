@@ -276,3 +276,16 @@ def test_power_steps_stack_layers_and_match_each_layer_alone(rng):
         )
         exact = exact_norm(a, tuple(a.input.shape[1:]))
         assert float(ops.convert_to_numpy(a.lipschitz_estimate)) <= exact * (1 + 1e-5)
+
+
+def test_minmax_formulations_agree_exactly(rng):
+    # Each backend picks the faster of two MinMax formulations; both must
+    # compute the same numbers, ties included.
+    from gloro.backend import common
+
+    x = rng.integers(-3, 4, size=(5, 3, 4, 8)).astype("float32")
+    strided = ops.convert_to_numpy(common.strided_pair_min_max(ops.convert_to_tensor(x)))
+    reshaped = ops.convert_to_numpy(common.reshaped_pair_min_max(ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(strided, reshaped)
+    pairs = x.reshape(5, 3, 4, 4, 2)
+    np.testing.assert_array_equal(strided.reshape(5, 3, 4, 4, 2), np.sort(pairs, axis=-1))

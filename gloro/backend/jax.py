@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import keras
 from keras import ops
 
+from gloro.backend import common
+
 
 def compiled(fn):
     """Compiles a pure function of tensors once per input signature.
@@ -33,21 +35,9 @@ def compiled(fn):
     return jax.jit(fn)
 
 
-def pair_min_max(x):
-    """MinMax on channel pairs `(c0, c1), (c2, c3), ...` of the last axis.
-
-    Two strided slices: as fast as a reshape on this backend's CPU kernels,
-    and fewer kernels in XLA's compiled step.
-
-    Args:
-        x: tensor with an even last axis.
-
-    Returns:
-        tensor of `x`'s shape: each pair replaced by `(min, max)`.
-    """
-    first, second = x[..., 0::2], x[..., 1::2]
-    pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
-    return ops.reshape(pairs, ops.shape(x))
+# MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels, and fewer kernels in XLA's
+# compiled step.
+pair_min_max = common.strided_pair_min_max
 
 
 def value_marks(variables):

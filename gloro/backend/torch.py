@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from keras import ops
 
+from gloro.backend import common
+
 
 def compiled(fn):
     """A pure function of tensors, run eagerly.
@@ -54,21 +56,8 @@ def _tensor(value):
     return ops.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
 
 
-def pair_min_max(x):
-    """MinMax on channel pairs `(c0, c1), (c2, c3), ...` of the last axis.
-
-    Two strided slices: as fast as a reshape on this backend's CPU kernels,
-    and fewer kernels in XLA's compiled step.
-
-    Args:
-        x: tensor with an even last axis.
-
-    Returns:
-        tensor of `x`'s shape: each pair replaced by `(min, max)`.
-    """
-    first, second = x[..., 0::2], x[..., 1::2]
-    pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
-    return ops.reshape(pairs, ops.shape(x))
+# MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels.
+pair_min_max = common.strided_pair_min_max
 
 
 def value_marks(variables):

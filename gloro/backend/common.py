@@ -1,0 +1,36 @@
+"""What several backends share: formulations that are the fastest on some
+backends, which each backend module picks from (it names the choice, this
+module names no backend)."""
+
+from keras import ops
+
+
+def strided_pair_min_max(x):
+    """MinMax on channel pairs `(c0, c1), (c2, c3), ...` of the last axis,
+    with two strided slices.
+
+    Args:
+        x: tensor with an even last axis.
+
+    Returns:
+        tensor of `x`'s shape: each pair replaced by `(min, max)`.
+    """
+    first, second = x[..., 0::2], x[..., 1::2]
+    pairs = ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1)
+    return ops.reshape(pairs, ops.shape(x))
+
+
+def reshaped_pair_min_max(x):
+    """MinMax on channel pairs, with the pairs as a trailing axis of 2 (a
+    reshape, free) instead of two strided slices.
+
+    Args:
+        x: tensor with an even last axis.
+
+    Returns:
+        tensor of `x`'s shape: each pair replaced by `(min, max)`.
+    """
+    shape = ops.shape(x)
+    pairs = ops.reshape(x, tuple(shape[:-1]) + (shape[-1] // 2, 2))
+    first, second = pairs[..., 0], pairs[..., 1]
+    return ops.reshape(ops.stack([ops.minimum(first, second), ops.maximum(first, second)], axis=-1), shape)
