@@ -379,14 +379,22 @@ class GloroNet(_GloroSteps, keras.Model):
     @property
     def lipschitz_frozen(self):
         """True while inference uses guaranteed bounds for the current weights."""
-        # One compiled call: run eagerly, the comparison would dispatch two
-        # operations per weight, which costs milliseconds per `predict` on a
-        # GPU.
-        # Where the backend can tell that no value changed since the last
-        # check that passed, the comparison is skipped: this only decides
-        # whether to freeze again, while every certificate still comes from
-        # the comparison inside the compiled call.
-        if backend.values_unchanged(self._certified_for, self._frozen_marks):
+        return self._weights_match_frozen(trust_marks=False)
+
+    def _weights_match_frozen(self, trust_marks):
+        """Compares every weight with its frozen copy, in one compiled call
+        (run eagerly, the comparison would dispatch two operations per
+        weight, milliseconds per `predict` on a GPU).
+
+        Args:
+            trust_marks: skip the comparison where the backend's value marks
+                say that nothing changed since the last one that passed.
+                Only for callers whose certificates come from the comparison
+                inside the compiled call anyway (`predict`, `evaluate`, ...):
+                marks can miss a change made behind the framework's back (a
+                write through torch's `.data` or a NumPy view).
+        """
+        if trust_marks and backend.values_unchanged(self._certified_for, self._frozen_marks):
             return True
         if self._frozen_check is None:
             self._frozen_check = backend.compiled(_all_equal)
@@ -474,9 +482,11 @@ class GloroNet(_GloroSteps, keras.Model):
         self._forget_constants()
         return result
 
-    def _ensure_frozen(self):
+    def _ensure_frozen(self, trust_marks=False):
+        """Freezes unless the constants belong to the current weights; see
+        `_weights_match_frozen` for `trust_marks`."""
         self._check_structure()
-        if not self.lipschitz_frozen:
+        if not self._weights_match_frozen(trust_marks):
             self.freeze_lipschitz()
 
     def lipschitz_constant(self):
@@ -631,13 +641,13 @@ class GloroNet(_GloroSteps, keras.Model):
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate` with guaranteed constants."""
         self._check_arrays(x, y)
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict` with guaranteed constants: `(n, m + 1)`."""
         self._check_arrays(x)
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         if (isinstance(x, np.ndarray) or ops.is_tensor(x)) and x.shape[0] == 0:
             return np.zeros((0, self.num_classes + 1), np.float32)
         return super().predict(x, *args, **kwargs)
@@ -648,16 +658,16 @@ class GloroNet(_GloroSteps, keras.Model):
         return outputs
 
     def predict_on_batch(self, x):
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         return super().predict_on_batch(x)
 
     def test_on_batch(self, *args, **kwargs):
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         return super().test_on_batch(*args, **kwargs)
 
     def save(self, *args, **kwargs):
         """`keras.Model.save` with the constants frozen first."""
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         return super().save(*args, **kwargs)
 
     def export(self, filepath, *args, **kwargs):
@@ -666,7 +676,7 @@ class GloroNet(_GloroSteps, keras.Model):
         logits and needs no gloro to load. Needs TensorFlow installed, on
         either backend."""
         backend.require_tensorflow("GloroNet.export (TensorFlow SavedModel)")
-        self._ensure_frozen()
+        self._ensure_frozen(trust_marks=True)
         return super().export(filepath, *args, **kwargs)
 
     # ------------------------------------------------------- serialization

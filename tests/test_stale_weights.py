@@ -125,17 +125,21 @@ def test_direct_call_certifies_nothing_after_a_weight_change(change, trained, da
 
 def test_a_change_the_value_marks_miss_still_certifies_nothing(trained, data, monkeypatch):
     # The backend's value marks only spare the check that decides whether
-    # to freeze again. With marks that wrongly report every value unchanged
-    # (as torch's do for a change made through `.data`), a changed weight
-    # still certifies nothing, on every path.
+    # `predict` and friends freeze again. With marks that wrongly report
+    # every value unchanged (as torch's do for a write through `.data` or a
+    # NumPy view), a changed weight still certifies nothing through them,
+    # and the paths whose numbers come from the constants alone
+    # (`lipschitz_frozen`, `lipschitz_constant`, `certified_radius`) never
+    # trust the marks.
     x, _ = data
-    assert trained.lipschitz_frozen
+    trained.predict_on_batch(x)
     monkeypatch.setattr(gloro.backend, "values_unchanged", lambda variables, marks: True)
     scale_hidden_kernel(trained)
-    assert trained.lipschitz_frozen
     outputs = [trained.predict_on_batch(x), trained.predict(x, verbose=0), trained(x, training=False)]
     for out in outputs:
         assert np.all(np.argmax(keras.ops.convert_to_numpy(out), axis=1) == 3)
+    assert not trained.lipschitz_frozen
+    np.testing.assert_array_equal(trained.lipschitz_constant(), fresh_constants(trained))
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
