@@ -467,7 +467,7 @@ def bench_stale_check(g, x, repeats, log, n_examples, input_kind="dataset"):
     from keras import ops
 
     class Unchecked(gloro.GloroNet):
-        def _weights_are_certified(self):
+        def _weights_are_certified(self, weights, copies):
             return ops.convert_to_tensor(True)
 
     unchecked = Unchecked(model=g.f, epsilon=g.epsilon, power_iterations=g.power_iterations)

@@ -58,8 +58,9 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
         margin_lipschitz: float32 tensor `(m, m)`, `K[j, i]` bounds the
             Lipschitz constant of `f_j - f_i`.
         epsilon: float32 scalar tensor, the certified radius.
-        certify: scalar bool tensor; where False nothing is certified (used
-            while the constants are stale).
+        certify: scalar bool tensor; where False (constants that no longer
+            belong to the weights) nothing is certified and ⊥ is `+inf` on
+            every row, as for rows with NaN/inf logits.
 
     Returns:
         float32 tensor `(n, m + 1)`.
@@ -76,35 +77,32 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     logits = ops.cast(logits, "float32")
     margin_lipschitz = ops.cast(margin_lipschitz, "float32")
     epsilon = ops.cast(epsilon, "float32")
-    certify = _certifiable(certify, epsilon)
-    top_index = ops.cast(ops.argmax(logits, axis=1), "int32")
+    # Kept to few operations: an eager caller on torch pays for each.
+    top_index = ops.argmax(logits, axis=1)
     top = ops.max(logits, axis=1)
-    k_rows = ops.take(margin_lipschitz, top_index, axis=0)
-    competitors = logits + epsilon * k_rows
+    competitors = logits + epsilon * ops.take(margin_lipschitz, top_index, axis=0)
     # Only the argmax itself is masked: a class tied with it stays a
     # competitor, so ties are never certified.
-    classes = ops.arange(ops.shape(logits)[1], dtype="int32")
-    is_top = ops.equal(classes[None, :], top_index[:, None])
+    is_top = ops.one_hot(top_index, ops.shape(logits)[1], dtype="bool")
     bottom = ops.max(ops.where(is_top, -np.inf, competitors), axis=1)
     finite = ops.all(ops.isfinite(logits), axis=1)
     certified = ops.logical_and(
-        ops.logical_and(top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)), finite),
-        certify,
+        top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)),
+        ops.logical_and(finite, _valid_epsilon(epsilon)),
     )
     # Not ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
     # TensorFlow's argmax then skips.
     floor = top + _nudge(top)
     rejected_bottom = ops.where(bottom > floor, bottom, floor)
     bottom = ops.where(certified, bottom, rejected_bottom)
-    bottom = ops.where(finite, bottom, np.inf)
+    bottom = ops.where(ops.logical_and(finite, certify), bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
     return ops.concatenate([logits, bottom[:, None]], axis=1)
 
 
-def _certifiable(certify, epsilon):
-    """`certify`, and False unless epsilon is finite and >= 0."""
-    valid = ops.logical_and(ops.isfinite(epsilon), epsilon >= 0)
-    return ops.logical_and(ops.cast(certify, "bool"), valid)
+def _valid_epsilon(epsilon):
+    """Scalar bool tensor: epsilon is finite and >= 0."""
+    return ops.logical_and(ops.isfinite(epsilon), epsilon >= 0)
 
 
 def check_relaxation_k(k, num_classes):
@@ -153,7 +151,8 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
             Lipschitz constant of `f_j - f_i`.
         epsilon: float32 scalar tensor, the certified radius.
         k: Python int, the largest set size, `1 <= k < m`.
-        certify: scalar bool tensor; where False nothing is certified.
+        certify: scalar bool tensor; where False nothing is certified and
+            ⊥ is `+inf` on every row (as in `add_bottom_logit`).
         affinity: None (every top-`k'` set counts), or a 0/1 array `(s, m)`
             whose rows are the admissible sets (affinity robustness): a
             top-`k'` set is certified only if it equals one of them.
@@ -191,7 +190,7 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
     competitors = logits[:, None, :] + epsilon * margin_lipschitz[None, :, :]
     classes = ops.arange(m, dtype="int32")
     finite = ops.all(ops.isfinite(logits), axis=1)
-    allowed = ops.logical_and(finite, _certifiable(certify, epsilon))
+    allowed = ops.logical_and(finite, _valid_epsilon(epsilon))
     in_top = ops.zeros_like(logits, dtype="bool")
     certified = ops.zeros_like(finite)
     certified_bottom = ops.zeros_like(ranked[:, 0])
@@ -220,7 +219,7 @@ def add_relaxed_bottom_logit(logits, margin_lipschitz, epsilon, k, certify=True,
     floor = top + _nudge(top)
     rejected_bottom = ops.where(top - best_margin > floor, top - best_margin, floor)
     bottom = ops.where(certified, certified_bottom, rejected_bottom)
-    bottom = ops.where(finite, bottom, np.inf)
+    bottom = ops.where(ops.logical_and(finite, certify), bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
     return ops.concatenate([logits, bottom[:, None]], axis=1)
 

@@ -87,11 +87,6 @@ def _full_precision(model):
             layer.dtype_policy = policy
 
 
-def _all_equal(tensors, others):
-    """Scalar bool tensor: each tensor equals its counterpart exactly."""
-    return ops.all(ops.stack([ops.all(ops.equal(a, b)) for a, b in zip(tensors, others)]))
-
-
 # Power-iteration steps per layer per training step. The estimate only
 # approaches the norm from below and lags behind the moving weights (by 17%
 # at the end of a 2-epoch run with 1 step, 3-4% with 5 or more); 8 is the
@@ -209,6 +204,7 @@ class GloroNet(_GloroSteps, keras.Model):
         self._forward_margins = None
         self._frozen_check = None
         self._frozen_marks = None
+        self._certifier = None
         self._epsilon = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(check_epsilon(epsilon)),
             trainable=False, dtype="float32", aggregation="only_first_replica", name="epsilon",
@@ -307,12 +303,27 @@ class GloroNet(_GloroSteps, keras.Model):
             lipschitz_h = self._features_bound(lambda layer: by_layer[id(layer)])
             kernel = ops.cast(self._head.kernel, "float32")
             margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_ops(kernel)
-            certify = ops.convert_to_tensor(True)
-        else:
-            margin_lipschitz = ops.convert_to_tensor(self._margin_lipschitz)
-            certify = self._weights_are_certified()
-        self._forward_margins = (margin_lipschitz, epsilon)
-        return self._add_bottom_logit(logits, margin_lipschitz, epsilon, certify)
+            self._forward_margins = (margin_lipschitz, epsilon)
+            return self._add_bottom_logit(logits, margin_lipschitz, epsilon, ops.convert_to_tensor(True))
+        self._forward_margins = (ops.convert_to_tensor(self._margin_lipschitz), epsilon)
+        if self._certifier is None:
+            self._certifier = backend.compiled_reading(self._certified_outputs, {
+                "margin_lipschitz": self._margin_lipschitz, "epsilon": self._epsilon,
+                "weights": list(self._certified_for), "copies": list(self._certified_copies),
+            })
+        return self._certifier(logits)
+
+    def _certified_outputs(self, logits, state):
+        """The inference outputs: certified only while `state["weights"]`
+        equal the `state["copies"]` taken when the constants were frozen.
+
+        One compiled function, so that an eager call pays one dispatch for
+        the certificate and its stale-weight check, not one per operation.
+        Where the weights differ, ⊥ is `+inf` on every row, which tells
+        `predict_on_batch` to freeze again (rows with NaN/inf logits are
+        the only other rows with a `+inf` ⊥)."""
+        current = self._weights_are_certified(state["weights"], state["copies"])
+        return self._add_bottom_logit(logits, state["margin_lipschitz"], state["epsilon"], current)
 
     def _add_bottom_logit(self, logits, margin_lipschitz, epsilon, certify):
         """The `m + 1` outputs from the logits; subclasses relax the notion
@@ -349,10 +360,10 @@ class GloroNet(_GloroSteps, keras.Model):
             "changed model."
         )
 
-    def _weights_are_certified(self):
+    def _weights_are_certified(self, weights, copies):
         """Scalar bool tensor: every weight equals the copy taken when the
         constants were frozen."""
-        return _all_equal(self._certified_for, self._certified_copies)
+        return backend.all_equal(weights, copies)
 
     def _check_input(self, x):
         expected = tuple(self.f.input_shape[1:])
@@ -397,7 +408,7 @@ class GloroNet(_GloroSteps, keras.Model):
         if trust_marks and backend.values_unchanged(self._certified_for, self._frozen_marks):
             return True
         if self._frozen_check is None:
-            self._frozen_check = backend.compiled(_all_equal)
+            self._frozen_check = backend.compiled(backend.all_equal)
         marks = backend.value_marks(self._certified_for)
         # Tensors, not variables: TensorFlow would otherwise work out the
         # call's signature from each variable anew, milliseconds a call.
@@ -658,8 +669,19 @@ class GloroNet(_GloroSteps, keras.Model):
         return outputs
 
     def predict_on_batch(self, x):
-        self._ensure_frozen(trust_marks=True)
-        return super().predict_on_batch(x)
+        """`keras.Model.predict_on_batch` with guaranteed constants: `(n, m + 1)`.
+
+        No check before the batch: the call compares the weights with their
+        frozen copy anyway, and marks a mismatch with a `+inf` ⊥ on every
+        row. Only then (or when a row's logits are NaN/inf) are the weights
+        compared here, and the batch run again on freshly frozen constants.
+        """
+        self._check_structure()
+        outputs = super().predict_on_batch(x)
+        if np.isposinf(outputs[:, -1]).any() and not self._weights_match_frozen(trust_marks=False):
+            self.freeze_lipschitz()
+            outputs = super().predict_on_batch(x)
+        return outputs
 
     def test_on_batch(self, *args, **kwargs):
         self._ensure_frozen(trust_marks=True)

@@ -101,6 +101,8 @@ def test_certify_false_certifies_nothing(rng):
     assert (np.argmax(bottom(logits, k, 0.1), axis=1) != 4).all()
     off = bottom(logits, k, 0.1, keras.ops.convert_to_tensor(False))
     assert (np.argmax(off, axis=1) == 4).all()
+    assert np.isposinf(off[:, 4]).all()
+    np.testing.assert_array_equal(off[:, :4], logits)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -121,6 +121,8 @@ def test_direct_call_certifies_nothing_after_a_weight_change(change, trained, da
     assert not trained.lipschitz_frozen
     out = keras.ops.convert_to_numpy(trained(x, training=False))
     assert np.all(np.argmax(out, axis=1) == 3)
+    # The mark that `predict_on_batch` reads to freeze again.
+    assert np.all(np.isposinf(out[:, -1]))
 
 
 def test_a_change_the_value_marks_miss_still_certifies_nothing(trained, data, monkeypatch):
@@ -130,16 +132,35 @@ def test_a_change_the_value_marks_miss_still_certifies_nothing(trained, data, mo
     # NumPy view), a changed weight still certifies nothing through them,
     # and the paths whose numbers come from the constants alone
     # (`lipschitz_frozen`, `lipschitz_constant`, `certified_radius`) never
-    # trust the marks.
+    # trust the marks. `predict_on_batch` reads no marks: it freezes again.
     x, _ = data
-    trained.predict_on_batch(x)
+    trained.predict(x, verbose=0)
     monkeypatch.setattr(gloro.backend, "values_unchanged", lambda variables, marks: True)
     scale_hidden_kernel(trained)
-    outputs = [trained.predict_on_batch(x), trained.predict(x, verbose=0), trained(x, training=False)]
-    for out in outputs:
+    for out in [trained.predict(x, verbose=0), trained(x, training=False)]:
         assert np.all(np.argmax(keras.ops.convert_to_numpy(out), axis=1) == 3)
     assert not trained.lipschitz_frozen
-    np.testing.assert_array_equal(trained.lipschitz_constant(), fresh_constants(trained))
+    expected = fresh_constants(trained)
+    np.testing.assert_array_equal(trained.lipschitz_constant(), expected)
+    scale_hidden_kernel(trained)
+    expected = fresh_constants(trained)
+    out = trained.predict_on_batch(x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(trained._margin_lipschitz), expected)
+    np.testing.assert_array_equal(out, keras.ops.convert_to_numpy(trained(x, training=False)))
+    assert np.any(np.argmax(out, axis=1) < 3)
+
+
+def test_predict_on_batch_keeps_frozen_constants_for_non_finite_rows(trained, data, monkeypatch):
+    # A NaN row also has a +inf ⊥: the weights are compared, found
+    # unchanged, and nothing is frozen again.
+    x, _ = data
+    trained.predict_on_batch(x)
+    x = x.copy()
+    x[0] = np.nan
+    monkeypatch.setattr(type(trained), "freeze_lipschitz", lambda self: pytest.fail("froze again"))
+    out = trained.predict_on_batch(x)
+    assert np.isposinf(out[0, -1]) and np.all(np.isneginf(out[0, :-1]))
+    np.testing.assert_array_equal(out[1:], keras.ops.convert_to_numpy(trained(x[1:], training=False)))
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
@@ -154,13 +175,16 @@ def test_entry_points_refreeze_for_the_new_weights(change, trained, data, tmp_pa
 # The model was compiled but never trained, so its saved optimizer has no
 # slots yet; Keras warns about that when loading, as it would for any model.
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
-@pytest.mark.parametrize("entry", ["predict", "evaluate", "certified_radius", "save"])
+@pytest.mark.parametrize("entry", ["predict", "predict_on_batch", "evaluate", "certified_radius", "save"])
 def test_each_entry_point_refreezes(entry, trained, data, tmp_path):
     x, y = data
     scale_hidden_kernel(trained)
     expected = fresh_constants(trained)
     if entry == "predict":
         trained.predict(x, verbose=0)
+    elif entry == "predict_on_batch":
+        out = trained.predict_on_batch(x)
+        np.testing.assert_array_equal(out, trained.predict(x, batch_size=len(x), verbose=0))
     elif entry == "evaluate":
         trained.evaluate(x, y, verbose=0)
     elif entry == "certified_radius":

@@ -7,7 +7,11 @@ as Keras chooses its own backend modules. Each exposes the same interface:
 
 - `compiled(fn)`: compiles a pure function of tensors (`tf.function`,
   `jax.jit`; run eagerly on torch);
+- `compiled_reading(fn, variables)`: compiles a function of tensors and of
+  the current values of some variables, which an eager call does not pass;
 - `value_and_grad(fn)`: the input gradient of a batched function;
+- `all_equal(tensors, others)`: whether tensors equal others exactly, as a
+  scalar bool tensor (the stale-weight check);
 - `top_k(x, k)`: `keras.ops.top_k` with ties in the order of their indices;
 - `full_precision()`: a context in which float32 matrix products and
   convolutions run in full float32 (no TF32 on NVIDIA GPUs), for the
@@ -17,9 +21,13 @@ as Keras chooses its own backend modules. Each exposes the same interface:
 - `GloroSteps`: a mixin that `GloroNet` inherits before `keras.Model`,
   adding the GloRo logs to Keras' own train and test steps in the pattern
   of that backend's trainer, and whatever the backend's training loops need
-  so that a GloroNet survives them.
+  so that a GloroNet survives them;
+- `pair_min_max(x)`: MinMax in the formulation fastest on that backend;
+- `value_marks(variables)` / `values_unchanged(variables, marks)`: cheap
+  marks of variables' values that can spare a comparison (never a
+  certificate's).
 
-Adding a backend means adding one module with these six names. Only this
+Adding a backend means adding one module with these names. Only this
 package names a backend; `require_tensorflow` serves the TensorFlow-only
 features (SavedModel export, `gloro.data`) on every backend.
 
@@ -54,6 +62,7 @@ if name() not in SUPPORTED:
 _impl = importlib.import_module(f"gloro.backend.{name()}")
 
 compiled = _impl.compiled
+compiled_reading = _impl.compiled_reading
 value_and_grad = _impl.value_and_grad
 top_k = _impl.top_k
 full_precision = _impl.full_precision
@@ -61,6 +70,7 @@ average_pooling_replicates_edges = _impl.average_pooling_replicates_edges
 GloroSteps = _impl.GloroSteps
 value_marks = _impl.value_marks
 pair_min_max = _impl.pair_min_max
+all_equal = _impl.all_equal
 values_unchanged = _impl.values_unchanged
 
 

@@ -35,6 +35,30 @@ def compiled(fn):
     return jax.jit(fn)
 
 
+def compiled_reading(fn, variables):
+    """Compiles `fn(*args, values)`, `values` being the values `variables`
+    hold at each call (inside a `keras.StatelessScope`, its values).
+
+    JAX compiles pure functions, so the values are read here and passed
+    as arguments: an eager call is one dispatch; inside another compiled
+    function it is inlined.
+
+    Args:
+        fn: a function of tensors and a last argument shaped like
+            `variables` (a nested structure of Keras variables).
+        variables: the variables to read.
+
+    Returns:
+        a function of `args`.
+    """
+    jitted = jax.jit(fn)
+    return lambda *args: jitted(*args, keras.tree.map_structure(lambda v: v.value, variables))
+
+
+# Compiled here, where the comparisons fuse into the caller's graph.
+all_equal = common.all_equal
+
+
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels, and fewer kernels in XLA's
 # compiled step.
 pair_min_max = common.strided_pair_min_max

@@ -33,6 +33,33 @@ def compiled(fn):
     return tf.function(fn)
 
 
+def compiled_reading(fn, variables):
+    """Compiles `fn(*args, values)`, `values` being the values `variables`
+    hold at each call.
+
+    The variables are captured by the compiled function and read inside it,
+    so a call passes only `args`: an eager call is one dispatch, whatever
+    the number of variables; inside another compiled function it is inlined.
+
+    Args:
+        fn: a function of tensors and a last argument shaped like
+            `variables` (a nested structure of Keras variables).
+        variables: the variables to read.
+
+    Returns:
+        a function of `args`.
+    """
+    return tf.function(
+        lambda *args: fn(*args, keras.tree.map_structure(lambda v: v.value, variables)),
+        # An eager caller may pass a new batch size each time.
+        reduce_retracing=True,
+    )
+
+
+# Compiled here, where the comparisons fuse into the caller's graph.
+all_equal = common.all_equal
+
+
 # MinMax (gloro.layers.MinMax): TensorFlow's CPU kernels copy strided slices: MinMax
 # networks predict about 40% faster with a reshape.
 pair_min_max = common.reshaped_pair_min_max

@@ -56,6 +56,36 @@ def _tensor(value):
     return ops.convert_to_tensor(value) if isinstance(value, np.ndarray) else value
 
 
+def compiled_reading(fn, variables):
+    """`fn(*args, values)`, run eagerly (see `compiled`), `values` being
+    the values `variables` hold at each call.
+
+    Args:
+        fn: a function of tensors and a last argument shaped like
+            `variables` (a nested structure of Keras variables).
+        variables: the variables to read.
+
+    Returns:
+        a function of `args`.
+    """
+    run = compiled(fn)
+    return lambda *args: run(*args, keras.tree.map_structure(lambda v: v.value, variables))
+
+
+def all_equal(tensors, others):
+    """Scalar bool tensor: each tensor equals its counterpart exactly (NaN
+    equals nothing). One `torch.equal` per pair: run eagerly, the two
+    operations per pair of `keras.ops` cost about three times as much.
+
+    Args:
+        tensors, others: equally long lists of tensors of equal shapes.
+
+    Returns:
+        scalar bool tensor.
+    """
+    return torch.tensor(all(torch.equal(a, b) for a, b in zip(tensors, others)))
+
+
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels.
 pair_min_max = common.strided_pair_min_max
 
