@@ -77,32 +77,31 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     logits = ops.cast(logits, "float32")
     margin_lipschitz = ops.cast(margin_lipschitz, "float32")
     epsilon = ops.cast(epsilon, "float32")
-    # Kept to few operations: an eager caller on torch pays for each.
-    top_index = ops.argmax(logits, axis=1)
+    # Kept to few operations, and to tensor operators where they mean the
+    # same on every backend: an eager caller on torch pays for each
+    # `keras.ops` call several times what the arithmetic costs.
+    top_index = ops.cast(ops.argmax(logits, axis=1), "int32")
     top = ops.max(logits, axis=1)
     competitors = logits + epsilon * ops.take(margin_lipschitz, top_index, axis=0)
     # Only the argmax itself is masked: a class tied with it stays a
     # competitor, so ties are never certified.
-    is_top = ops.one_hot(top_index, ops.shape(logits)[1], dtype="bool")
+    is_top = ops.arange(logits.shape[1], dtype="int32")[None, :] == top_index[:, None]
     bottom = ops.max(ops.where(is_top, -np.inf, competitors), axis=1)
     finite = ops.all(ops.isfinite(logits), axis=1)
-    certified = ops.logical_and(
-        top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom)),
-        ops.logical_and(finite, _valid_epsilon(epsilon)),
-    )
+    certified = (top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom))) & finite & _valid_epsilon(epsilon)
     # Not ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
     # TensorFlow's argmax then skips.
     floor = top + _nudge(top)
     rejected_bottom = ops.where(bottom > floor, bottom, floor)
     bottom = ops.where(certified, bottom, rejected_bottom)
-    bottom = ops.where(ops.logical_and(finite, certify), bottom, np.inf)
+    bottom = ops.where(finite & ops.cast(certify, "bool"), bottom, np.inf)
     logits = ops.where(finite[:, None], logits, -np.inf)
     return ops.concatenate([logits, bottom[:, None]], axis=1)
 
 
 def _valid_epsilon(epsilon):
     """Scalar bool tensor: epsilon is finite and >= 0."""
-    return ops.logical_and(ops.isfinite(epsilon), epsilon >= 0)
+    return ops.isfinite(epsilon) & (epsilon >= 0)
 
 
 def check_relaxation_k(k, num_classes):

@@ -122,8 +122,9 @@ class GloroNet(_GloroSteps, keras.Model):
     on, and each inference call compares the weights with that copy inside
     the compiled graph. Whatever changed a weight (training, `assign`,
     `set_weights`, `load_weights`, a custom optimizer loop on `g.f`), the
-    call certifies nothing until the constants are frozen again, which
-    `fit`, `predict`, `evaluate`, `save`, `export`, `certified_radius` and
+    call certifies nothing (its ⊥ logit is `+inf` on every row) until the
+    constants are frozen again, which `fit`, `predict`, `predict_on_batch`,
+    `evaluate`, `save`, `export`, `certified_radius` and
     `lipschitz_constant` do by themselves. Constants that arrive with the
     variables (loading, `set_weights`, `load_weights`) are never trusted:
     they are recomputed the same way. A change to anything else the
@@ -307,23 +308,26 @@ class GloroNet(_GloroSteps, keras.Model):
             return self._add_bottom_logit(logits, margin_lipschitz, epsilon, ops.convert_to_tensor(True))
         self._forward_margins = (ops.convert_to_tensor(self._margin_lipschitz), epsilon)
         if self._certifier is None:
-            self._certifier = backend.compiled_reading(self._certified_outputs, {
-                "margin_lipschitz": self._margin_lipschitz, "epsilon": self._epsilon,
-                "weights": list(self._certified_for), "copies": list(self._certified_copies),
-            })
+            self._certifier = backend.compiled_reading(
+                self._certified_outputs,
+                [self._margin_lipschitz, self._epsilon, *self._certified_for, *self._certified_copies],
+            )
         return self._certifier(logits)
 
-    def _certified_outputs(self, logits, state):
-        """The inference outputs: certified only while `state["weights"]`
-        equal the `state["copies"]` taken when the constants were frozen.
+    def _certified_outputs(self, logits, values):
+        """The inference outputs from `values`, the margin constants, epsilon,
+        the weights and their copies: certified only while the weights equal
+        the copies taken when the constants were frozen.
 
         One compiled function, so that an eager call pays one dispatch for
         the certificate and its stale-weight check, not one per operation.
         Where the weights differ, ⊥ is `+inf` on every row, which tells
         `predict_on_batch` to freeze again (rows with NaN/inf logits are
         the only other rows with a `+inf` ⊥)."""
-        current = self._weights_are_certified(state["weights"], state["copies"])
-        return self._add_bottom_logit(logits, state["margin_lipschitz"], state["epsilon"], current)
+        margin_lipschitz, epsilon, *weights_and_copies = values
+        count = len(self._certified_for)
+        current = self._weights_are_certified(weights_and_copies[:count], weights_and_copies[count:])
+        return self._add_bottom_logit(logits, margin_lipschitz, epsilon, current)
 
     def _add_bottom_logit(self, logits, margin_lipschitz, epsilon, certify):
         """The `m + 1` outputs from the logits; subclasses relax the notion

@@ -36,23 +36,23 @@ def compiled(fn):
 
 
 def compiled_reading(fn, variables):
-    """Compiles `fn(*args, values)`, `values` being the values `variables`
-    hold at each call (inside a `keras.StatelessScope`, its values).
+    """Compiles `fn(*args, values)`, `values` being the list of values that
+    `variables` hold at each call (inside a `keras.StatelessScope`, its
+    values).
 
     JAX compiles pure functions, so the values are read here and passed
     as arguments: an eager call is one dispatch; inside another compiled
     function it is inlined.
 
     Args:
-        fn: a function of tensors and a last argument shaped like
-            `variables` (a nested structure of Keras variables).
-        variables: the variables to read.
+        fn: a function of tensors and a last argument, a list of tensors.
+        variables: a list of Keras variables.
 
     Returns:
         a function of `args`.
     """
     jitted = jax.jit(fn)
-    return lambda *args: jitted(*args, keras.tree.map_structure(lambda v: v.value, variables))
+    return lambda *args: jitted(*args, [v.value for v in variables])
 
 
 # Compiled here, where the comparisons fuse into the caller's graph.

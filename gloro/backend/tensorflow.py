@@ -34,23 +34,22 @@ def compiled(fn):
 
 
 def compiled_reading(fn, variables):
-    """Compiles `fn(*args, values)`, `values` being the values `variables`
-    hold at each call.
+    """Compiles `fn(*args, values)`, `values` being the list of values that
+    `variables` hold at each call.
 
     The variables are captured by the compiled function and read inside it,
     so a call passes only `args`: an eager call is one dispatch, whatever
     the number of variables; inside another compiled function it is inlined.
 
     Args:
-        fn: a function of tensors and a last argument shaped like
-            `variables` (a nested structure of Keras variables).
-        variables: the variables to read.
+        fn: a function of tensors and a last argument, a list of tensors.
+        variables: a list of Keras variables.
 
     Returns:
         a function of `args`.
     """
     return tf.function(
-        lambda *args: fn(*args, keras.tree.map_structure(lambda v: v.value, variables)),
+        lambda *args: fn(*args, [v.value for v in variables]),
         # An eager caller may pass a new batch size each time.
         reduce_retracing=True,
     )

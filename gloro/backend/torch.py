@@ -58,18 +58,18 @@ def _tensor(value):
 
 def compiled_reading(fn, variables):
     """`fn(*args, values)`, run eagerly (see `compiled`), `values` being
-    the values `variables` hold at each call.
+    the list of values that `variables` hold at each call.
 
     Args:
-        fn: a function of tensors and a last argument shaped like
-            `variables` (a nested structure of Keras variables).
-        variables: the variables to read.
+        fn: a function of tensors and a last argument, a list of tensors.
+        variables: a list of Keras variables.
 
     Returns:
         a function of `args`.
     """
-    run = compiled(fn)
-    return lambda *args: run(*args, keras.tree.map_structure(lambda v: v.value, variables))
+    # Not through `compiled`: its conversion walks every argument's
+    # structure, which costs more than the whole check here.
+    return lambda *args: fn(*[_tensor(a) for a in args], [v.value for v in variables])
 
 
 def all_equal(tensors, others):
