@@ -168,6 +168,7 @@ class GloroNet(_GloroSteps, keras.Model):
     def __init__(self, inputs=None, outputs=None, *, model=None, epsilon, power_iterations=DEFAULT_POWER_ITERATIONS, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self._check_own_dtype()
         if model is None:
             if inputs is None or outputs is None:
                 raise ValueError("GloroNet needs either `inputs` and `outputs`, or `model=`.")
@@ -351,6 +352,7 @@ class GloroNet(_GloroSteps, keras.Model):
                 quantization) or changed a setting (activation, padding,
                 scale, ...); the message names it.
         """
+        self._check_own_dtype()
         current = self._graph.state()
         if current == self._structure:
             return
@@ -363,6 +365,29 @@ class GloroNet(_GloroSteps, keras.Model):
             "Lipschitz bound no longer covers it. Build a new GloroNet on the "
             "changed model."
         )
+
+    def _check_own_dtype(self):
+        """Refuses a dtype policy other than float32 on the GloroNet itself
+        (at construction, or set later): Keras would round its inputs, its
+        constants and the weights it compares to the policy's dtype before
+        `call`, and a certificate for a rounded input, from rounded
+        constants, or for weights that differ below the rounding, is not
+        proven.
+
+        Raises:
+            ValueError: another policy; the message says where mixed
+                precision belongs instead.
+        """
+        policy = self.dtype_policy
+        if policy.compute_dtype != "float32" or policy.variable_dtype != "float32":
+            raise ValueError(
+                f"GloroNet '{self.name}' has dtype policy '{policy.name}'; the GloroNet itself "
+                "runs in float32 (Keras would round its inputs, constants and weight checks to "
+                "the policy's dtype, and certify what is not proven). Give mixed precision to "
+                "the layers of the logits model instead (keras.config.set_dtype_policy before "
+                "building it, or dtype= on its layers): training then runs in that dtype and "
+                "every certificate in float32."
+            )
 
     def _weights_are_certified(self, weights, copies):
         """Scalar bool tensor: every weight equals the copy taken when the

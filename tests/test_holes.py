@@ -499,6 +499,24 @@ def test_lowered_stored_constants_are_recomputed(path, tmp_path):
 # ------------------------------------------------------- 11. precision
 
 
+def test_a_half_precision_policy_on_the_gloro_net_itself_is_refused(rng):
+    # Keras would round the inputs, the constants and the compared weights
+    # to float16 before `call`: a weight change below float16's resolution
+    # then kept certifying with the old constants.
+    x = keras.Input((4,))
+    y = layers.Dense(3)(layers.MinMax()(layers.Dense(8)(x)))
+    with pytest.raises(ValueError, match="mixed_float16.*runs in float32"):
+        gloro.GloroNet(x, y, epsilon=0.01, dtype="mixed_float16")
+    g = gloro.GloroNet(x, y, epsilon=0.01)
+    points = rng.normal(size=(16, 4)).astype("float32")
+    g.predict(points, verbose=0)
+    g.dtype_policy = "mixed_float16"
+    with pytest.raises(ValueError, match="runs in float32"):
+        g(points, training=False)
+    with pytest.raises(ValueError, match="runs in float32"):
+        g.predict_on_batch(points)
+
+
 @pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow_on_jax), "mixed_float16"])
 def test_half_precision_policies_certify_from_float32_logits(policy, rng):
     keras.config.set_dtype_policy(policy)
