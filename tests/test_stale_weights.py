@@ -125,6 +125,23 @@ def test_direct_call_certifies_nothing_after_a_weight_change(change, trained, da
     assert np.all(np.isposinf(out[:, -1]))
 
 
+def test_stateless_call_certifies_only_for_the_frozen_weights(trained, data):
+    # The weights a StatelessScope stands in are the ones compared, not the
+    # variables' own values (which still equal the frozen copy).
+    x, _ = data
+    trainable = [keras.ops.convert_to_numpy(v) for v in trained.trainable_variables]
+    non_trainable = [v.value for v in trained.non_trainable_variables]
+    same, _ = trained.stateless_call(trainable, non_trainable, x)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(same), keras.ops.convert_to_numpy(trained(x, training=False))
+    )
+    out, _ = trained.stateless_call([w * 3.0 for w in trainable], non_trainable, x)
+    out = keras.ops.convert_to_numpy(out)
+    assert np.all(np.argmax(out, axis=1) == 3) and np.all(np.isposinf(out[:, -1]))
+    # The variables' own certificates are untouched.
+    assert np.any(np.argmax(keras.ops.convert_to_numpy(trained(x, training=False)), axis=1) < 3)
+
+
 def test_a_change_the_value_marks_miss_still_certifies_nothing(trained, data, monkeypatch):
     # The backend's value marks only spare the check that decides whether
     # `predict` and friends freeze again. With marks that wrongly report

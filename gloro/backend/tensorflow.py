@@ -35,11 +35,17 @@ def compiled(fn):
 
 def compiled_reading(fn, variables):
     """Compiles `fn(*args, values)`, `values` being the list of values that
-    `variables` hold at each call.
+    `variables` hold at each call (inside a `keras.StatelessScope`, its
+    values).
 
-    The variables are captured by the compiled function and read inside it,
-    so a call passes only `args`: an eager call is one dispatch, whatever
-    the number of variables; inside another compiled function it is inlined.
+    Where the values are the variables themselves, the compiled function
+    captures them and reads them inside, so a call passes only `args`: an
+    eager call is one dispatch, whatever the number of variables (passing
+    variables as arguments makes TensorFlow work out the call's signature
+    anew, milliseconds a call). Values that are other tensors (a
+    `StatelessScope`'s, autocast copies) are passed as arguments: a
+    function that read the variables would ignore them. Inside another
+    compiled function either is inlined.
 
     Args:
         fn: a function of tensors and a last argument, a list of tensors.
@@ -48,11 +54,21 @@ def compiled_reading(fn, variables):
     Returns:
         a function of `args`.
     """
-    return tf.function(
-        lambda *args: fn(*args, [v.value for v in variables]),
-        # An eager caller may pass a new batch size each time.
-        reduce_retracing=True,
-    )
+    # An eager caller may pass a new batch size each time.
+    passing = tf.function(fn, reduce_retracing=True)
+    reading = {}
+
+    def call(*args):
+        values = [v.value for v in variables]
+        if not all(isinstance(value, tf.Variable) for value in values):
+            return passing(*args, values)
+        # Keyed by identity: a scope may stand other variables in for them.
+        key = tuple(map(id, values))
+        if key not in reading:
+            reading[key] = tf.function(lambda *inputs: fn(*inputs, values), reduce_retracing=True)
+        return reading[key](*args)
+
+    return call
 
 
 # Compiled here, where the comparisons fuse into the caller's graph.
