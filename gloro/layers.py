@@ -135,12 +135,14 @@ def power_steps(layers, iterations=1):
         iterations: power-iteration steps to take.
 
     Returns:
-        list of scalar tensors, in the order of `layers`: each layer's
-        estimate (times its activation's bound), differentiable with respect
-        to its kernel. Lower bounds, never certificates.
+        `(N,)` tensor, in the order of `layers`: each layer's estimate
+        (times its activation's bound), differentiable with respect to its
+        kernel. Lower bounds, never certificates. One tensor rather than a
+        scalar per layer, so that what the caller computes from them (the
+        product of a chain) is one operation, not one per layer.
     """
     if not layers:
-        return []
+        return ops.zeros((0,), "float32")
     groups = {}
     for layer in layers:
         operator = layer._operator(ops.cast(layer.kernel, "float32"))
@@ -154,16 +156,21 @@ def power_steps(layers, iterations=1):
     ]
     ordered = [layer for group in members for layer in group]
     scales = ops.concatenate([layer._scale() for layer in ordered])
-    sigma, vectors = lipschitz.power_step(operators, vectors, iterations, scales)
+    sigma, vectors = lipschitz.power_step(operators, vectors, iterations, scales, lipschitz.TRAINING_SHIFT)
     for op, group, v in zip(operators, members, vectors):
         for layer, vector in zip(group, op.unpack(v)):
             layer.power_vector.assign(vector)
-    estimates = {}
+    frozen = ops.stop_gradient(sigma)
     for g, layer in enumerate(ordered):
-        layer.lipschitz_estimate.assign(ops.stop_gradient(sigma[g]))
-        bound = layer._activation_bound
-        estimates[id(layer)] = sigma[g] if bound == 1.0 else sigma[g] * bound
-    return [estimates[id(layer)] for layer in layers]
+        layer.lipschitz_estimate.assign(frozen[g])
+    bounds = np.array([layer._activation_bound for layer in ordered], np.float32)
+    if np.any(bounds != 1.0):
+        sigma = sigma * bounds
+    position = {id(layer): g for g, layer in enumerate(ordered)}
+    order = [position[id(layer)] for layer in layers]
+    if order != list(range(len(layers))):
+        sigma = ops.take(sigma, np.array(order, np.int32))
+    return sigma
 
 
 class SpectralNormCache:

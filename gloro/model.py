@@ -92,7 +92,7 @@ def _full_precision(model):
 # at the end of a 2-epoch run with 1 step, 3-4% with 5 or more); 8 is the
 # fewest steps whose VRA is above the original library's at the same recipe
 # (benchmarks/power_iterations.md), at about 1.5% of an epoch per step.
-DEFAULT_POWER_ITERATIONS = 8
+DEFAULT_POWER_ITERATIONS = 4
 
 
 # Keras' train and test steps with the GloRo logs, in the pattern of this
@@ -301,8 +301,9 @@ class GloroNet(_GloroSteps, keras.Model):
         epsilon = ops.convert_to_tensor(self._epsilon)
         if training:
             estimates = gloro_layers.power_steps(self._spectral, self.power_iterations)
-            by_layer = {id(layer): estimate for layer, estimate in zip(self._spectral, estimates)}
-            lipschitz_h = self._features_bound(lambda layer: by_layer[id(layer)])
+            lipschitz_h = self._graph.vector_bound(
+                self._spectral, estimates, lambda layer: self._static_bounds[id(layer)]
+            )
             kernel = ops.cast(self._head.kernel, "float32")
             margin_lipschitz = lipschitz_h * lipschitz.pairwise_column_distances_ops(kernel)
             self._forward_margins = (margin_lipschitz, epsilon)

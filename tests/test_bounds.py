@@ -684,3 +684,80 @@ def test_power_step_keeps_its_vector_on_a_zero_kernel(rng):
     sigma, (v,) = lipschitz.power_step([operator], [operator.pack([v0])], 8, np.array([1.0], np.float32))
     assert float(keras.ops.convert_to_numpy(sigma)[0]) == 0.0
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(operator.unpack(v)[0]), v0)
+
+
+@pytest.mark.parametrize(
+    "kernel_size,strides,dilation,spatial",
+    [(4, 2, 1, (8, 6)), (3, 2, 1, (6, 8)), ((5, 3), (3, 2), 1, (9, 4)), (2, 2, 1, (4, 4)),
+     (1, 2, 1, (4, 6)), (4, 1, 1, (5, 6)), (3, 1, 2, (5, 5))],
+)
+def test_same_convolution_in_blocks_is_the_exact_operator_and_adjoint(kernel_size, strides, dilation, spatial, rng):
+    # A "same" convolution stacks as a stride-1 convolution on its input
+    # cut into blocks of its strides (strided, even and dilated kernels
+    # alike): against the materialised operator, both directions.
+    kh, kw = lipschitz._pair(kernel_size)
+    kernel = rng.normal(size=(kh, kw, 3, 4)).astype(np.float32)
+    op = lipschitz.ConvOperator(kernel, (1,) + spatial + (3,), strides, "same", dilation)
+    assert op.stack_key is not None
+    grouped = lipschitz.stack([op])
+    matrix = lipschitz.conv_matrix(kernel, spatial + (3,), strides, "same", dilation)
+    v = rng.normal(size=(1,) + spatial + (3,)).astype(np.float32)
+    image = keras.ops.convert_to_numpy(grouped.apply(grouped.pack([v])))[:, :, :, 0]
+    np.testing.assert_allclose(image.reshape(1, -1), v.reshape(1, -1) @ matrix, rtol=1e-4, atol=1e-4)
+    u = rng.normal(size=image.shape).astype(np.float32)
+    (back,) = grouped.unpack(grouped.transpose(u[:, :, :, None, :]))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(back).reshape(1, -1), u.reshape(1, -1) @ matrix.T, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_strided_convolution_stacks_with_the_stride_one_ones_of_its_output_size(rng):
+    strided = lipschitz.ConvOperator(rng.normal(size=(4, 4, 2, 3)).astype(np.float32), (1, 8, 8, 2), 2, "same", 1)
+    plain = lipschitz.ConvOperator(rng.normal(size=(3, 3, 3, 3)).astype(np.float32), (1, 4, 4, 3), 1, "same", 1)
+    assert strided.stack_key == plain.stack_key
+    assert lipschitz.stack([strided, plain]).members == 2
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (2, 5, 5)])
+def test_shifted_dense_iteration_is_the_shifted_power_polynomial(shape, rng):
+    kernel = rng.normal(size=shape).astype(np.float32)
+    stacked = kernel if len(shape) == 3 else kernel[None]
+    v = rng.normal(size=(stacked.shape[0], shape[-2])).astype(np.float32)
+    got = keras.ops.convert_to_numpy(lipschitz.DenseOperator(kernel).iterate(v, 3, 0.45))
+    w = v.astype(np.float64)
+    for _ in range(3):
+        w = np.einsum("gi,gio,gjo->gj", w, stacked, stacked) - 0.45 * w
+    np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def test_shifted_grouped_step_is_exact(rng):
+    # The shift rides in the two convolutions (an identity copied through):
+    # against (A^T A - c I) w on the materialised operators, per member.
+    kernels = [rng.normal(size=(4, 4, 3, 5)).astype(np.float32), rng.normal(size=(3, 3, 12, 4)).astype(np.float32)]
+    singles = [
+        lipschitz.ConvOperator(kernels[0], (1, 8, 6, 3), 2, "same", 1),
+        lipschitz.ConvOperator(kernels[1], (1, 4, 3, 12), 1, "same", 1),
+    ]
+    grouped = lipschitz.stack(singles)
+    vectors = [rng.normal(size=(1, 8, 6, 3)).astype(np.float32), rng.normal(size=(1, 4, 3, 12)).astype(np.float32)]
+    stepped = grouped.unpack(grouped.iterate(grouped.pack(vectors), 2, 0.45))
+    for v, k, op, got in zip(vectors, kernels, singles, stepped):
+        matrix = lipschitz.conv_matrix(k, op.input_shape[1:], op.strides, "same", 1)
+        w = v.reshape(1, -1).astype(np.float64)
+        for _ in range(2):
+            w = w @ matrix @ matrix.T - 0.45 * w
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got).reshape(1, -1), w, rtol=1e-4, atol=1e-3)
+
+
+def test_shifted_power_step_converges_to_the_norm_from_below(rng):
+    # Shifted steps, scaled by the previous estimate as in training: every
+    # estimate is a lower bound, and they reach the exact norm.
+    kernel = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    exact = exact_norm(lipschitz.conv_matrix(kernel, (6, 6, 4), 1, "same", 1))
+    operator = lipschitz.stack([lipschitz.ConvOperator(kernel, (1, 6, 6, 4), 1, "same", 1)])
+    v = [operator.pack([unit(rng, (1, 6, 6, 4))])]
+    sigma = lipschitz.initial_scales([operator], [0.0])
+    for _ in range(60):
+        sigma, v = lipschitz.power_step([operator], v, 4, sigma, lipschitz.TRAINING_SHIFT)
+        assert float(keras.ops.convert_to_numpy(sigma)[0]) <= exact * (1 + FLOAT32_REL)
+    assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(exact, rel=1e-4)

@@ -235,3 +235,25 @@ def test_liresnet_block_config_round_trip(rng):
 def test_liresnet_block_refuses_what_would_change_its_shape(kwargs, match):
     with pytest.raises(ValueError, match=match):
         layers.LiResNetBlock(**kwargs)
+
+
+def chain_net():
+    x = keras.Input((8, 8, 2))
+    z = layers.MinMax()(layers.Conv2D(4, 3, padding="same")(x))
+    z = layers.Conv2D(4, 4, strides=2, padding="same")(z)
+    z = keras.layers.AveragePooling2D(2)(z)
+    z = layers.Dense(5)(layers.Flatten()(z))
+    return x, layers.Dense(3)(z)
+
+
+@pytest.mark.parametrize("build", [residual_net, concatenating_net, chain_net])
+def test_vector_bound_is_the_bound_of_the_layers_values(build, rng):
+    # The bound of a vector of per-layer values, taken as one product on a
+    # chain, equals the propagation of the same values one layer at a time.
+    graph = LipschitzGraph(keras.Model(*build()))
+    chosen = graph.layers[::2]
+    values = rng.uniform(0.5, 2.0, size=len(chosen)).astype(np.float32)
+    by_layer = {id(layer): float(v) for layer, v in zip(chosen, values)}
+    expected = graph.bound(lambda l: by_layer.get(id(l), graph.guaranteed_bound(l)))
+    got = graph.vector_bound(chosen, keras.ops.convert_to_tensor(values), graph.guaranteed_bound)
+    assert float(keras.ops.convert_to_numpy(got)) == pytest.approx(expected, rel=1e-5)
