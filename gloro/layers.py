@@ -156,7 +156,7 @@ def power_steps(layers, iterations=1):
     ]
     ordered = [layer for group in members for layer in group]
     scales = ops.concatenate([layer._scale() for layer in ordered])
-    sigma, vectors = lipschitz.power_step(operators, vectors, iterations, scales, lipschitz.TRAINING_SHIFT)
+    sigma, vectors = lipschitz.power_step(operators, vectors, iterations, scales, shifted=True)
     for op, group, v in zip(operators, members, vectors):
         for layer, vector in zip(group, op.unpack(v)):
             layer.power_vector.assign(vector)

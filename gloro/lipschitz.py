@@ -55,9 +55,9 @@ CONVERGENCE_TOLERANCE = 1e-7
 MAX_CONVERGENCE_ITERATIONS = 5000
 # Iterations one call of the convergence step takes (see `power_converge`).
 CONVERGENCE_STEP_ITERATIONS = 10
-# The shift `c` of a training-time power-iteration step, `w <- (B - c I) w`
-# with `B = A^T A / scale^2` (see `power_step`).
-TRAINING_SHIFT = 0.45
+# Training-time power-iteration steps damp the spectrum of the scaled
+# `A^T A` below this (see `training_shifts`).
+DAMPED_RANGE = 0.9
 
 
 # ------------------------------------------------------------------ rounding
@@ -462,6 +462,10 @@ class _Operator:
     """Power-iteration steps of an operator that has `apply` and
     `transpose`."""
 
+    # Different shifts a training step takes (see `training_shifts`): a
+    # shift costs this operator the same operation whatever its value.
+    distinct_shifts = 2
+
     def step(self, w, shift=0.0):
         """One power-iteration step, `A^T A w - shift w`.
 
@@ -472,9 +476,10 @@ class _Operator:
         image = self.transpose(self.apply(w))
         return image - shift * w if shift else image
 
-    def iterate(self, w, iterations, shift=0.0):
-        """`iterations` steps from `w` (see `power_step`), unnormalised."""
-        for _ in range(iterations):
+    def iterate(self, w, shifts):
+        """One step from `w` per entry of `shifts` (see `power_step`),
+        unnormalised."""
+        for shift in shifts:
             w = self.step(w, shift)
         return w
 
@@ -797,6 +802,7 @@ class GroupedConvOperator(_Operator):
             [(k, (0, 0, 0, g * self._cout)) for g, k in enumerate(kernels)],
             (kh, kw, self._cin, self.members * self._cout),
         )
+        self._shifted_forward, self._shifted_adjoints = None, {}
 
     def _per_member(self, kernel, channels):
         """A grouped kernel `(kh, kw, c, G * channels)` as `(kh, kw, c, G, channels)`."""
@@ -806,13 +812,12 @@ class GroupedConvOperator(_Operator):
     @functools.cached_property
     def _adjoint(self):
         """The grouped kernel of every member's adjoint: each member's
-        kernel flipped in space, its channel axes swapped. Derived from the
-        one stacked kernel (not per member), so that it costs one
-        operation; on first use, so that an eager caller pays for it only
-        where it is used."""
-        forward = self._forward
-        kh, kw = forward.shape[:2]
-        stacked = keras.ops.flip(self._per_member(forward, self._cout), axis=(0, 1))
+        kernel flipped in space, its channel axes swapped. From the one
+        stacked kernel (not per member), so that it costs one operation;
+        on first use, so that an eager caller pays for it only where it is
+        used."""
+        kh, kw = self._forward.shape[:2]
+        stacked = keras.ops.flip(self._per_member(self._forward, self._cout), axis=(0, 1))
         return keras.ops.reshape(
             keras.ops.transpose(stacked, (0, 1, 4, 3, 2)), (kh, kw, self._cout, self.members * self._cin)
         )
@@ -831,6 +836,10 @@ class GroupedConvOperator(_Operator):
         """Each member's adjoint, for `u` shaped like `apply`'s output."""
         return self._conv(u, self._adjoint, self._cin)
 
+    # Each shift's kernels are built anew in every training step, a kernel
+    # launch each: one shift for all steps (see `training_shifts`).
+    distinct_shifts = 1
+
     def step(self, w, shift=0.0):
         """One power-iteration step, `A^T A w - shift w`, as two grouped
         convolutions whatever the shift.
@@ -838,30 +847,44 @@ class GroupedConvOperator(_Operator):
         The shift rides in the convolutions rather than in an operation of
         its own (which would cost a kernel launch per step): the first also
         copies `w` to extra output channels (an identity at the centre tap),
-        and the second maps those channels to `-shift w`.
+        and the second maps those channels to `-shift w`. Its kernels are
+        built once per shift (`_shifted_kernels`).
         """
         if not shift:
             return self.transpose(self.apply(w))
+        forward, adjoint = self._shifted_kernels(shift)
+        return self._conv(self._conv(w, forward, self._cout + self._cin), adjoint, self._cin)
+
+    def _identity(self, factor):
+        """`factor` times one member's identity at the centre tap,
+        broadcast to every member: a constant that XLA fuses into the
+        kernel that reads it (a constant for each kernel: one shared
+        broadcast would be a kernel launch of its own)."""
+        kh, kw = self._forward.shape[:2]
+        identity = np.zeros((kh, kw, self._cin, 1, self._cin), np.float32)
+        identity[kh // 2, kw // 2, :, 0, :] = factor * np.eye(self._cin, dtype=np.float32)
+        return keras.ops.broadcast_to(identity, (kh, kw, self._cin, self.members, self._cin))
+
+    def _shifted_kernels(self, shift):
+        """The two grouped kernels of `step`: the forward one with the
+        identity beside it (one for every shift), the adjoint one with
+        `-shift` times the identity below it."""
         kh, kw = self._forward.shape[:2]
         cin, cout, members = self._cin, self._cout, self.members
-        # One member's identity, broadcast: a constant that XLA fuses into
-        # the kernel that reads it (one constant for each of the two, or the
-        # broadcast would be a kernel of its own).
-        identity = np.zeros((kh, kw, cin, 1, cin), np.float32)
-        identity[kh // 2, kw // 2, :, 0, :] = np.eye(cin, dtype=np.float32)
-        shape = (kh, kw, cin, members, cin)
-        forward = _assemble(
-            [(self._per_member(self._forward, cout), (0, 0, 0, 0, 0)),
-             (keras.ops.broadcast_to(identity, shape), (0, 0, 0, 0, cout))],
-            (kh, kw, cin, members, cout + cin),
-        )
-        adjoint = _assemble(
-            [(keras.ops.reshape(self._adjoint, (kh, kw, cout, members, cin)), (0, 0, 0, 0, 0)),
-             (keras.ops.broadcast_to(-shift * identity, shape), (0, 0, cout, 0, 0))],
-            (kh, kw, cout + cin, members, cin),
-        )
-        y = self._conv(w, keras.ops.reshape(forward, (kh, kw, cin, members * (cout + cin))), cout + cin)
-        return self._conv(y, keras.ops.reshape(adjoint, (kh, kw, cout + cin, members * cin)), cin)
+        if self._shifted_forward is None:
+            forward = _assemble(
+                [(self._per_member(self._forward, cout), (0, 0, 0, 0, 0)), (self._identity(1.0), (0, 0, 0, 0, cout))],
+                (kh, kw, cin, members, cout + cin),
+            )
+            self._shifted_forward = keras.ops.reshape(forward, (kh, kw, cin, members * (cout + cin)))
+        if shift not in self._shifted_adjoints:
+            adjoint = _assemble(
+                [(keras.ops.reshape(self._adjoint, (kh, kw, cout, members, cin)), (0, 0, 0, 0, 0)),
+                 (self._identity(-shift), (0, 0, cout, 0, 0))],
+                (kh, kw, cout + cin, members, cin),
+            )
+            self._shifted_adjoints[shift] = keras.ops.reshape(adjoint, (kh, kw, cout + cin, members * cin))
+        return self._shifted_forward, self._shifted_adjoints[shift]
 
     def scaled(self, factors):
         """The same operator with each kernel multiplied by its factor."""
@@ -880,6 +903,7 @@ class GroupedConvOperator(_Operator):
         operator = object.__new__(GroupedConvOperator)
         operator.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_adjoint"})
         operator._forward = forward
+        operator._shifted_forward, operator._shifted_adjoints = None, {}
         return operator
 
     def norm_range(self):
@@ -979,7 +1003,37 @@ def initial_scales(operators, scales):
     return keras.ops.where(valid, keras.ops.clip(scales, low, high), low)
 
 
-def power_step(operators, vectors, iterations=1, scales=None, shift=0.0):
+def training_shifts(iterations, distinct=2):
+    """The shifts of `iterations` training-time power-iteration steps (see
+    `power_step`) that damp the spectrum on `[0, DAMPED_RANGE]`.
+
+    With one distinct shift, the range's midpoint: a step multiplies a
+    component of eigenvalue `lambda` by `|lambda - c|`, at most `c` on the
+    range against `1 - c` at the top, and the cluster just below 1 (the
+    spectrum of the near-orthogonal kernels of a trained Lipschitz network)
+    by about `lambda ** 1.8`: a step does the work of 1.8 unshifted ones.
+    With two, the roots of the degree-2 Chebyshev polynomial on the range
+    in turn (and the midpoint for an odd last step): a pair multiplies
+    `lambda` by at most `DAMPED_RANGE**2 / 8` on the range, half its value
+    at the top, and the cluster by about `lambda ** 5.5` (0.946 at
+    `lambda = 0.99`).
+
+    Args:
+        iterations: number of steps.
+        distinct: the operator's `distinct_shifts`: 1 for one shift, 2 for
+            the pairs (an odd last step adds the midpoint).
+
+    Returns:
+        list of `iterations` floats.
+    """
+    half = DAMPED_RANGE / 2
+    if distinct == 1:
+        return [half] * iterations
+    pair = [half * (1 + math.sqrt(0.5)), half * (1 - math.sqrt(0.5))]
+    return [pair[i % 2] for i in range(iterations - iterations % 2)] + [half] * (iterations % 2)
+
+
+def power_step(operators, vectors, iterations=1, scales=None, shifted=False):
     """Advances power iteration on several operators at once.
 
     The iterations run on copies of the operators whose kernels are cut
@@ -992,8 +1046,8 @@ def power_step(operators, vectors, iterations=1, scales=None, shift=0.0):
     kept near unit length by dividing the kernels by `scales`, estimates of
     their norms (the previous estimates, which trail the norm by a few
     percent while training moves the weights), so `k` steps change their
-    length by about `((sigma / scale) ** 2 - shift) ** k`. Where they
-    overflow or vanish (a
+    length by at most `(sigma / scale) ** (2 k)`. Where they overflow or
+    vanish (a
     first step with a scale far off, a zero kernel), the member keeps its
     previous vector and returns `||A v||` for it, and the next call, scaled
     by that estimate, moves on. `initial_scales` gives a first scale
@@ -1002,32 +1056,32 @@ def power_step(operators, vectors, iterations=1, scales=None, shift=0.0):
     bookkeeping of all members (scales, norms, estimates) is done on one
     vector, so it costs a few operations, not a few per member.
 
-    A `shift` `c` makes each step `w <- (B - c I) w`, with `B = A^T A /
-    scale^2`: the same eigenvectors, and with the scale near the norm, `B`'s
-    top eigenvalue near 1 and the others in `[0, 1]`. A component of
-    eigenvalue `lambda` then shrinks against the top one by
-    `|lambda - c| / (1 - c)` per step instead of `lambda`. The kernels of a
-    trained Lipschitz network are near-orthogonal, so their top eigenvalues
-    cluster just below 1, where `(lambda - c) / (1 - c)` is about
-    `lambda ** (1 / (1 - c))`: with `c = 0.45`, a step does the work of 1.8
-    unshifted ones, at the same cost (see `GroupedConvOperator.step`). `c`
-    stays below 1/2 so that the bottom of the spectrum (`lambda` near 0,
-    `|lambda - c| = c`) shrinks too, as long as the scale is at most 5%
-    above the norm (a scale from a weight that shrank more in one step
-    sends the vector the wrong way for one call; its lower estimate
-    rescales the next). Either way the estimate is `||A v||` for a unit
-    `v`: never above the norm.
+    A shift `c` makes a step `w <- (B - c I) w`, with `B = A^T A /
+    scale^2`: the same eigenvectors and, with the scale near the norm, `B`'s
+    top eigenvalue near 1 and the others in `[0, 1]`. Steps with shifts
+    `c_1 .. c_k` multiply a component of eigenvalue `lambda` by
+    `prod (lambda - c_i)`, which `training_shifts` keeps small on
+    `[0, DAMPED_RANGE]` against its value at 1: more convergence per step
+    than `lambda ** k`, at the same cost (see `GroupedConvOperator.step`).
+    Each operator takes as many distinct shifts as cost it nothing more
+    (its `distinct_shifts`).
+    That holds while the top eigenvalue is above the damped range, that is
+    while the scale is at most 5% above the norm. A scale from a weight that
+    shrank more in one step sends the vector the wrong way for one call; its
+    lower estimate rescales the next. Either way the estimate is `||A v||`
+    for a unit `v`: never above the norm.
 
     Args:
         operators: list of `DenseOperator`, `ConvOperator` or
             `GroupedConvOperator` (see `stack`); `N` members in all.
         vectors: the members' current unit vectors, one tensor per operator
             in its layout (`operator.pack`).
-        iterations: number of `v <- A^T A v` steps.
+        iterations: number of steps.
         scales: `(N,)` tensor of positive numbers near each member's norm
             (the previous estimates); entries that are not finite and
             positive count as 1, and None means all 1.
-        shift: `c` above, in `[0, 1/2)`; 0 for plain power iteration.
+        shifted: whether the steps are shifted (`training_shifts`), or
+            plain power iteration (`v <- A^T A v`).
 
     Returns:
         `(sigma, vectors)`: the estimates, an `(N,)` tensor (each at most
@@ -1046,7 +1100,8 @@ def power_step(operators, vectors, iterations=1, scales=None, shift=0.0):
     for g, (op, v) in enumerate(zip(operators, vectors)):
         frozen = op.frozen().scaled(factors[offsets[g] : offsets[g + 1]])
         v = keras.ops.stop_gradient(keras.ops.convert_to_tensor(v))
-        w = frozen.iterate(v, iterations, shift)
+        shifts = training_shifts(iterations, frozen.distinct_shifts) if shifted else [0.0] * iterations
+        w = frozen.iterate(v, shifts)
         iterates.append(w)
         previous.append(v)
     squares = _squared_norms(operators, iterates)

@@ -720,17 +720,19 @@ def test_strided_convolution_stacks_with_the_stride_one_ones_of_its_output_size(
 
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (2, 5, 5)])
 def test_shifted_dense_iteration_is_the_shifted_power_polynomial(shape, rng):
+    # Against float64 steps `A^T A w - c w` with the training shifts.
     kernel = rng.normal(size=shape).astype(np.float32)
     stacked = kernel if len(shape) == 3 else kernel[None]
     v = rng.normal(size=(stacked.shape[0], shape[-2])).astype(np.float32)
-    got = keras.ops.convert_to_numpy(lipschitz.DenseOperator(kernel).iterate(v, 3, 0.45))
+    shifts = lipschitz.training_shifts(3)
+    got = keras.ops.convert_to_numpy(lipschitz.DenseOperator(kernel).iterate(v, shifts))
     w = v.astype(np.float64)
-    for _ in range(3):
-        w = np.einsum("gi,gio,gjo->gj", w, stacked, stacked) - 0.45 * w
+    for shift in shifts:
+        w = np.einsum("gi,gio,gjo->gj", w, stacked, stacked) - shift * w
     np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
 
 
-def test_shifted_grouped_step_is_exact(rng):
+def test_shifted_grouped_steps_are_exact(rng):
     # The shift rides in the two convolutions (an identity copied through):
     # against (A^T A - c I) w on the materialised operators, per member.
     kernels = [rng.normal(size=(4, 4, 3, 5)).astype(np.float32), rng.normal(size=(3, 3, 12, 4)).astype(np.float32)]
@@ -740,12 +742,14 @@ def test_shifted_grouped_step_is_exact(rng):
     ]
     grouped = lipschitz.stack(singles)
     vectors = [rng.normal(size=(1, 8, 6, 3)).astype(np.float32), rng.normal(size=(1, 4, 3, 12)).astype(np.float32)]
-    stepped = grouped.unpack(grouped.iterate(grouped.pack(vectors), 2, 0.45))
+    # Two shifts, one of them twice: each step uses its own shift's kernels.
+    shifts = lipschitz.training_shifts(3)
+    stepped = grouped.unpack(grouped.iterate(grouped.pack(vectors), shifts))
     for v, k, op, got in zip(vectors, kernels, singles, stepped):
         matrix = lipschitz.conv_matrix(k, op.input_shape[1:], op.strides, "same", 1)
         w = v.reshape(1, -1).astype(np.float64)
-        for _ in range(2):
-            w = w @ matrix @ matrix.T - 0.45 * w
+        for shift in shifts:
+            w = w @ matrix @ matrix.T - shift * w
         np.testing.assert_allclose(keras.ops.convert_to_numpy(got).reshape(1, -1), w, rtol=1e-4, atol=1e-3)
 
 
@@ -758,6 +762,26 @@ def test_shifted_power_step_converges_to_the_norm_from_below(rng):
     v = [operator.pack([unit(rng, (1, 6, 6, 4))])]
     sigma = lipschitz.initial_scales([operator], [0.0])
     for _ in range(60):
-        sigma, v = lipschitz.power_step([operator], v, 4, sigma, lipschitz.TRAINING_SHIFT)
+        sigma, v = lipschitz.power_step([operator], v, 4, sigma, shifted=True)
         assert float(keras.ops.convert_to_numpy(sigma)[0]) <= exact * (1 + FLOAT32_REL)
     assert float(keras.ops.convert_to_numpy(sigma)[0]) == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.parametrize("distinct", [1, 2])
+@pytest.mark.parametrize("iterations", range(1, 11))
+def test_training_shifts_damp_the_spectrum_below_the_top(iterations, distinct):
+    # Their polynomial is well below its value at the top eigenvalue (1)
+    # everywhere on the damped range, and shrinks the top cluster's other
+    # members faster than unshifted steps do.
+    shifts = np.array(lipschitz.training_shifts(iterations, distinct))
+    assert len(shifts) == iterations
+    if distinct == 1:
+        assert len(set(shifts.tolist())) == 1
+
+    def gain(lam):
+        return np.abs(np.prod(lam[:, None] - shifts, axis=1)) / np.prod(1 - shifts)
+
+    damped = np.linspace(0.0, lipschitz.DAMPED_RANGE, 2001)
+    bound = 0.82 ** iterations if distinct == 1 else 0.51 ** (iterations // 2) * 0.82 ** (iterations % 2)
+    assert gain(damped).max() < bound
+    assert gain(np.array([0.99]))[0] < 0.99 ** (1.7 * iterations)
