@@ -88,10 +88,12 @@ def _full_precision(model):
 
 
 # Power-iteration steps per layer per training step. The estimate only
-# approaches the norm from below and lags behind the moving weights (by 17%
-# at the end of a 2-epoch run with 1 step, 3-4% with 5 or more); 8 is the
-# fewest steps whose VRA is above the original library's at the same recipe
-# (benchmarks/power_iterations.md), at about 1.5% of an epoch per step.
+# approaches the norm from below and lags behind the moving weights (17% at
+# the end of a 2-epoch run with 1 plain step, 3-4% with 5 or more). The
+# steps are shifted (`gloro.lipschitz.training_shifts`), which makes 4 do the
+# work of about 8 plain ones at the cost of 4: their VRA equals that of 8
+# plain steps, the previous default, over 20 seeds at the recipe of
+# benchmarks/power_iterations.md (0.6437 against 0.6439; BENCHMARKS.md).
 DEFAULT_POWER_ITERATIONS = 4
 
 
