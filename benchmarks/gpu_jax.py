@@ -39,8 +39,9 @@ def main():
     # liresnet12_w256: LiResNet at the paper's scale (depth 12, width 256).
     parser.add_argument("--networks", default="cnn_2C2F,cnn_6C2F,liresnet,liresnet12_w256")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--power-iterations", default="8",
-                        help="comma-separated power-iteration steps per training step, one run each")
+    parser.add_argument("--power-iterations", default="",
+                        help="comma-separated power-iteration steps per training step, one run each "
+                             "(default: GloroNet's default)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every data size (smoke runs)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -67,7 +68,7 @@ def main():
         x, y = run.synthetic_data(spec["input_shape"], n_train, 0)
         xc, _ = run.synthetic_data(spec["input_shape"], n_cert, 1)
         runs = {}
-        for steps in map(int, args.power_iterations.split(",")):
+        for steps in map(int, (args.power_iterations or str(gloro.model.DEFAULT_POWER_ITERATIONS)).split(",")):
             print(f"{name}, {steps} power-iteration steps: {n_train} training, {n_cert} certification "
                   "examples", flush=True)
             plain, g = run.build_models(name, 0, "keras", "auto", power_iterations=steps)

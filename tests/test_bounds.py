@@ -785,3 +785,19 @@ def test_training_shifts_damp_the_spectrum_below_the_top(iterations, distinct):
     bound = 0.82 ** iterations if distinct == 1 else 0.51 ** (iterations // 2) * 0.82 ** (iterations % 2)
     assert gain(damped).max() < bound
     assert gain(np.array([0.99]))[0] < 0.99 ** (1.7 * iterations)
+
+
+def test_shifted_steps_of_a_convolution_that_stacks_with_none(rng):
+    # A "valid" convolution runs alone, its shifts as subtractions: against
+    # the materialised operator.
+    kernel = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+    op = lipschitz.stack([lipschitz.ConvOperator(kernel, (1, 6, 5, 2), 2, "valid", 1)])
+    assert isinstance(op, lipschitz.ConvOperator) and op.stack_key is None
+    matrix = lipschitz.conv_matrix(kernel, (6, 5, 2), 2, "valid", 1)
+    v = rng.normal(size=(1, 6, 5, 2)).astype(np.float32)
+    shifts = lipschitz.training_shifts(3, op.distinct_shifts)
+    w = v.reshape(1, -1).astype(np.float64)
+    for shift in shifts:
+        w = w @ matrix @ matrix.T - shift * w
+    got = keras.ops.convert_to_numpy(op.iterate(v, shifts)).reshape(1, -1)
+    np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
