@@ -124,11 +124,12 @@ def power_steps(layers, iterations=1):
     """Advances the cached power iteration of several layers at once.
 
     Layers whose operators stack (`gloro.lipschitz.stack`: Dense kernels of
-    one shape; stride-1 "same" convolutions with odd kernels of one size on
-    inputs of one height and width, whatever their channels) share one
-    operation per step, so a step of a network costs a few operations, not
-    a few per layer. Each layer's kernels are scaled by its previous
-    estimate (see `gloro.lipschitz.power_step`).
+    one shape; "same" convolutions of one output size and one kernel size
+    once written as stride-1 convolutions, strided ones on their input cut
+    into blocks, whatever their channels) share one operation per step, so
+    a step of a network costs a few operations, not a few per layer. Each
+    layer's kernels are scaled by its previous estimate, and the steps are
+    shifted (see `gloro.lipschitz.power_step`).
 
     Args:
         layers: `SpectralNormCache` layers.
