@@ -577,6 +577,17 @@ def _assemble(parts, shape):
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _centre_identity(kh, kw, channels, factor):
+    """`factor` times the identity on `channels` at the centre tap of a
+    `(kh, kw, channels, 1, channels)` kernel, read-only. Cached: an eager
+    training step (torch) asks for the same few in every step."""
+    identity = np.zeros((kh, kw, channels, 1, channels), np.float32)
+    identity[kh // 2, kw // 2, :, 0, :] = factor * np.eye(channels, dtype=np.float32)
+    identity.flags.writeable = False
+    return identity
+
+
 def _block_reach(window, stride, pad_before):
     """`D` such that output `i` of a "same" convolution reads only blocks
     `i - D .. i + D` of its input cut into blocks of `stride`."""
@@ -861,8 +872,7 @@ class GroupedConvOperator(_Operator):
         kernel that reads it (a constant for each kernel: one shared
         broadcast would be a kernel launch of its own)."""
         kh, kw = self._forward.shape[:2]
-        identity = np.zeros((kh, kw, self._cin, 1, self._cin), np.float32)
-        identity[kh // 2, kw // 2, :, 0, :] = factor * np.eye(self._cin, dtype=np.float32)
+        identity = _centre_identity(kh, kw, self._cin, factor)
         return keras.ops.broadcast_to(identity, (kh, kw, self._cin, self.members, self._cin))
 
     def _shifted_kernels(self, shift):
