@@ -31,6 +31,8 @@ logit then sits between the `k'`-th and `(k'+1)`-th largest logits, so the
 classes strictly above it are exactly the certified set (`certified_top_k`).
 """
 
+import functools
+
 import numpy as np
 from keras import ops
 
@@ -47,7 +49,21 @@ def _nudge(x):
     Not nextafter: CPUs flushing denormals to zero would turn a step above 0
     back into a tie, which argmax resolves in favour of the class.
     """
-    return ops.maximum(ops.abs(x) * 2.0**-22, np.finfo(np.float32).tiny)
+    # A sum rather than `maximum(., tiny)`: it is never smaller, rounds to
+    # the same value above the denormal range, and costs an operator rather
+    # than a `keras.ops` call.
+    return abs(x) * 2.0**-22 + _TINY
+
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@functools.lru_cache(maxsize=None)
+def _diagonal_mask(m):
+    """float32 `(m, m)`, read-only: -inf on the diagonal, 0 elsewhere."""
+    mask = np.where(np.eye(m, dtype=bool), -np.inf, 0.0).astype(np.float32)
+    mask.flags.writeable = False
+    return mask
 
 
 def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
@@ -77,31 +93,36 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     logits = ops.cast(logits, "float32")
     margin_lipschitz = ops.cast(margin_lipschitz, "float32")
     epsilon = ops.cast(epsilon, "float32")
-    # Kept to few operations, and to tensor operators where they mean the
-    # same on every backend: an eager caller on torch pays for each
-    # `keras.ops` call several times what the arithmetic costs.
-    top_index = ops.cast(ops.argmax(logits, axis=1), "int32")
-    top = ops.max(logits, axis=1)
-    competitors = logits + epsilon * ops.take(margin_lipschitz, top_index, axis=0)
-    # Only the argmax itself is masked: a class tied with it stays a
-    # competitor, so ties are never certified.
-    is_top = ops.arange(logits.shape[1], dtype="int32")[None, :] == top_index[:, None]
-    bottom = ops.max(ops.where(is_top, -np.inf, competitors), axis=1)
-    finite = ops.all(ops.isfinite(logits), axis=1)
-    certified = (top - bottom > MARGIN_SLACK * (ops.abs(top) + ops.abs(bottom))) & finite & _valid_epsilon(epsilon)
-    # Not ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
+    certify = ops.cast(certify, "bool")
+    # Kept to few operations, to tensor operators where they mean the same on
+    # every backend, and to `backend.certificate_ops`: an eager caller on
+    # torch pays for each `keras.ops` call several times what the
+    # arithmetic costs.
+    xp = backend.certificate_ops
+    # The argmax's own column is masked with -inf on the (m, m) offsets
+    # rather than on the (n, m) competitors: one small operation instead of
+    # three on every row. Only the argmax itself is masked: a class tied
+    # with it stays a competitor, so ties are never certified. (A diagonal
+    # of the constants that is not finite leaves NaN there, and a NaN ⊥
+    # is never certified.)
+    offsets = epsilon * margin_lipschitz + ops.convert_to_tensor(_diagonal_mask(logits.shape[1]))
+    top = xp.max(logits, axis=1)
+    bottom = xp.max(logits + xp.take(offsets, xp.argmax(logits, axis=1), axis=0), axis=1)
+    finite = xp.all(xp.isfinite(logits), axis=1)
+    certified = (top - bottom > MARGIN_SLACK * (abs(top) + abs(bottom))) & finite & _valid_epsilon(epsilon)
+    # A rejected row's ⊥ sits at least a nudge above the top logit. Not
+    # ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
     # TensorFlow's argmax then skips.
     floor = top + _nudge(top)
-    rejected_bottom = ops.where(bottom > floor, bottom, floor)
-    bottom = ops.where(certified, bottom, rejected_bottom)
-    bottom = ops.where(finite & ops.cast(certify, "bool"), bottom, np.inf)
-    logits = ops.where(finite[:, None], logits, -np.inf)
-    return ops.concatenate([logits, bottom[:, None]], axis=1)
+    bottom = xp.where(certified | (bottom > floor), bottom, floor)
+    bottom = xp.where(finite & certify, bottom, np.inf)
+    logits = xp.where(finite[:, None], logits, -np.inf)
+    return xp.concatenate([logits, bottom[:, None]], axis=1)
 
 
 def _valid_epsilon(epsilon):
     """Scalar bool tensor: epsilon is finite and >= 0."""
-    return ops.isfinite(epsilon) & (epsilon >= 0)
+    return backend.certificate_ops.isfinite(epsilon) & (epsilon >= 0)
 
 
 def check_relaxation_k(k, num_classes):

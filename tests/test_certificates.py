@@ -114,6 +114,52 @@ def test_non_finite_rows(bad):
     np.testing.assert_array_equal(numpy(gloro_predictions(out)), [0, 3])
 
 
+def test_the_diagonal_of_the_constants_is_ignored(rng):
+    # K[j, j] bounds f_j - f_j = 0: whatever it holds, the argmax's own
+    # column is never a competitor.
+    logits = rng.normal(size=(200, 5)).astype("float32") * 3
+    k = margin_matrix(rng, 5, 0.2)
+    shifted = k + np.diag(rng.uniform(1.0, 50.0, size=5)).astype("float32")
+    np.testing.assert_array_equal(bottom(logits, shifted, 0.5), bottom(logits, k, 0.5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_diagonal_that_is_not_finite_certifies_nothing(rng, bad):
+    logits = rng.normal(size=(50, 4)).astype("float32") * 10
+    k = margin_matrix(rng, 4, 0.01)
+    np.fill_diagonal(k, bad)
+    assert (np.argmax(bottom(logits, k, 0.1), axis=1) == 4).all()
+
+
+def test_certificate_ops_are_keras_ops():
+    """`backend.certificate_ops` (direct torch calls on torch) gives what
+    `keras.ops` gives, NaN and infinities included."""
+    from gloro import backend
+
+    ops = keras.ops
+    xp = backend.certificate_ops
+    x = np.array([[1.0, np.nan, -2.0], [np.inf, 3.0, 3.0], [-np.inf, -1.0, 0.0], [0.5, 0.5, -0.0]], "float32")
+    t = ops.convert_to_tensor(x)
+    mask = ops.convert_to_tensor(x > 0)
+    rows = ops.argmax(ops.convert_to_tensor(np.nan_to_num(x)), axis=1)
+    pairs = [
+        (xp.max(t, axis=1), ops.max(t, axis=1)),
+        (xp.argmax(ops.convert_to_tensor(np.nan_to_num(x, nan=0.0)), axis=1), rows),
+        (xp.take(t, rows, axis=0), ops.take(t, rows, axis=0)),
+        (xp.isfinite(t), ops.isfinite(t)),
+        (xp.all(mask, axis=1), ops.all(mask, axis=1)),
+        (xp.where(mask, t, np.inf), ops.where(mask, t, np.inf)),
+        (xp.where(mask, t, -t), ops.where(mask, t, -t)),
+        (xp.concatenate([t, t[:, :1]], axis=1), ops.concatenate([t, t[:, :1]], axis=1)),
+    ]
+    for ours, theirs in pairs:
+        ours, theirs = numpy(ours), numpy(theirs)
+        assert ours.shape == theirs.shape
+        if ours.dtype.kind == "f":
+            assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_works_traced_with_a_dynamic_batch(rng):
     # Inside a model, predict compiles the function (tf.function with an
     # unknown batch size on TensorFlow, jit on JAX).
