@@ -37,6 +37,7 @@ g.bound(gloro.layers.layer_bound)              # bound of x -> z
 ```
 """
 
+import functools
 import types
 
 import keras
@@ -72,6 +73,16 @@ def _plain_value(value):
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _settings_keys(keys):
+    """The public attribute names among a layer's `keys` (a tuple, in
+    order), less the ignored ones. Cached by the whole tuple: a layer's
+    attributes rarely change, and building the tuple is one C-level copy,
+    where filtering some 70 names in Python on every call was most of the
+    structure check's cost."""
+    return tuple(key for key in keys if key[0] != "_" and key not in _IGNORED_ATTRIBUTES)
+
+
 def layer_state(layer):
     """What a layer computes, beyond its weights' values, as a comparable
     tuple: its class, its public settings (numbers, strings, functions and
@@ -85,15 +96,15 @@ def layer_state(layer):
     Returns:
         a tuple that compares equal as long as none of these changed.
     """
+    attributes = vars(layer)
     settings = []
-    for key, value in vars(layer).items():
-        if key[0] != "_" and key not in _IGNORED_ATTRIBUTES:
-            plain = _plain_value(value)
-            # Attributes holding None or other objects cannot change the map
-            # (Keras adds some during export); a value that becomes None
-            # still shows, as a missing key.
-            if plain is not None:
-                settings.append((key, plain))
+    for key in _settings_keys(tuple(attributes)):
+        plain = _plain_value(attributes[key])
+        # Attributes holding None or other objects cannot change the map
+        # (Keras adds some during export); a value that becomes None still
+        # shows, as a missing key.
+        if plain is not None:
+            settings.append((key, plain))
     return (
         type(layer),
         tuple(settings),
