@@ -22,7 +22,9 @@ Soundness details:
   inf constants, an epsilon that is not finite) is replaced, so that no
   backend's argmax can skip it; and `gloro_predictions` decides ⊥
   explicitly rather than trusting an argmax.
-* Nothing is certified at an epsilon that is negative or not finite.
+* Nothing is certified at an epsilon that is negative or not finite, nor
+  from constants `K` whose diagonal is not finite (a finite diagonal is
+  ignored: `f_j - f_j` is 0).
 
 Relaxed robustness (`add_relaxed_bottom_logit`, Leino & Fredrikson 2021)
 certifies the set `T` of the top-`k'` classes instead of the top class: no
