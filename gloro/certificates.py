@@ -60,9 +60,15 @@ def _nudge(x):
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-@functools.lru_cache(maxsize=None)
 def _diagonal_mask(m):
-    """float32 `(m, m)`, read-only: -inf on the diagonal, 0 elsewhere."""
+    """float32 `(m, m)`: -inf on the diagonal, 0 elsewhere. A new array at
+    each call: torch's compiler (`jit_compile=True` on torch) cannot trace a
+    read-only one, and a shared writable one could be changed."""
+    return _read_only_diagonal_mask(m).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _read_only_diagonal_mask(m):
     mask = np.where(np.eye(m, dtype=bool), -np.inf, 0.0).astype(np.float32)
     mask.flags.writeable = False
     return mask

@@ -122,3 +122,20 @@ def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):
         assert result.exit_code == 2, result.output
         assert len(errors) == 1 and "--strategy" in errors[0] and f"needs the {needed} backend" in errors[0], errors
     assert not (tmp_path / "out").exists()
+
+
+# torch.compile takes about a minute here: the long tier.
+@pytest.mark.slow
+def test_torch_compile_certifies_what_the_eager_call_does(rng):
+    """`jit_compile=True` (torch.compile, which a model saved on JAX brings
+    along in its compile config) traces the certificate and gives what the
+    eager call gives."""
+    x, _ = blobs(rng, n=64)
+    g = make_net()
+    g.compile(optimizer="adam", loss="crossentropy", jit_compile=True)
+    compiled = g.predict(x, verbose=0)
+    eager = keras.ops.convert_to_numpy(g(x, training=False))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+    clear = np.abs(eager[:, :3].max(axis=1) - eager[:, 3]) > 1e-3
+    assert clear.sum() > 32
+    np.testing.assert_array_equal(compiled[clear].argmax(1), eager[clear].argmax(1))
