@@ -33,8 +33,6 @@ logit then sits between the `k'`-th and `(k'+1)`-th largest logits, so the
 classes strictly above it are exactly the certified set (`certified_top_k`).
 """
 
-import functools
-
 import numpy as np
 from keras import ops
 
@@ -61,17 +59,11 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 
 def _diagonal_mask(m):
-    """float32 `(m, m)`: -inf on the diagonal, 0 elsewhere. A new array at
-    each call: torch's compiler (`jit_compile=True` on torch) cannot trace a
-    read-only one, and a shared writable one could be changed."""
-    return _read_only_diagonal_mask(m).copy()
-
-
-@functools.lru_cache(maxsize=None)
-def _read_only_diagonal_mask(m):
-    mask = np.where(np.eye(m, dtype=bool), -np.inf, 0.0).astype(np.float32)
-    mask.flags.writeable = False
-    return mask
+    """float32 `(m, m)`: -inf on the diagonal, 0 elsewhere. Built at each
+    call (microseconds): torch's compiler (`jit_compile=True` on torch)
+    cannot trace a cached read-only array, and a shared writable one could
+    be changed."""
+    return np.where(np.eye(m, dtype=bool), -np.inf, 0.0).astype(np.float32)
 
 
 def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
