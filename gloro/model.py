@@ -353,9 +353,20 @@ class GloroNet(_GloroSteps, keras.Model):
         Raises:
             ValueError: a layer gained or lost a variable (LoRA,
                 quantization) or changed a setting (activation, padding,
-                scale, ...); the message names it.
+                scale, ...), or, on torch, a forward hook would run around
+                a layer or the GloroNet; the message names it.
         """
         self._check_own_dtype()
+        hooked = backend.forward_hook_site([self, self.f, *self._graph._all_layers])
+        if hooked is not None:
+            raise ValueError(
+                f"A torch forward hook or pre-hook would run on {hooked} in GloroNet "
+                f"'{self.name}'. A hook can replace what a layer reads or returns, which the "
+                "Lipschitz bound does not cover, so the GloroNet neither certifies nor trains "
+                "with one. Remove it (`handle.remove()` on the handle that "
+                "register_forward_hook returned); to read activations, build a Keras model "
+                "on them instead (keras.Model(g.f.inputs, layer.output))."
+            )
         current = self._graph.state()
         if current == self._structure:
             return

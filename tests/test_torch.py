@@ -2,6 +2,8 @@
 loop (the README's example) and `torch.utils.data` input. Runs in the
 torch test process."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -100,6 +102,52 @@ def test_fit_and_evaluate_take_a_dataloader(rng):
     from_loader = g.evaluate(loader, verbose=0, return_dict=True)
     from_arrays = g.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     assert from_loader["vra"] == pytest.approx(from_arrays["vra"], abs=1e-6)
+
+
+def _hook_sites(g):
+    """Hook registrations that change what `g` computes, by where they run."""
+    dense = g.f.layers[1]
+    scale = lambda module, inputs, output: output * 1000.0  # noqa: E731
+    return {
+        f"layer '{dense.name}'": lambda: dense.register_forward_hook(scale),
+        f"layer '{g.f.name}'": lambda: g.f.register_forward_pre_hook(lambda module, args: (args[0] * 0.0,)),
+        f"layer '{g.name}'": lambda: g.register_forward_hook(scale),
+        "every module (a global hook)": lambda: torch.nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: scale(module, inputs, output) if module is dense else None
+        ),
+    }
+
+
+@pytest.mark.parametrize("site", ["layer 'hidden'", "layer 'f'", "layer 'g'", "every module (a global hook)"])
+def test_a_forward_hook_is_refused_where_it_would_change_the_certificate(site, rng):
+    x, y = blobs(rng, n=128)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,))
+    z = layers.MinMax()(layers.Dense(32, name="hidden")(inputs))
+    g = gloro.GloroNet(model=keras.Model(inputs, layers.Dense(3)(z), name="f"), epsilon=0.1, name="g")
+    g.compile(loss="crossentropy")
+    before = g.predict(x, verbose=0)
+    logits = keras.ops.convert_to_numpy(g.f(x))
+    handle = _hook_sites(g)[site]()
+    try:
+        # The hook does change the network the bound was computed for.
+        if site != "layer 'g'":
+            assert not np.array_equal(keras.ops.convert_to_numpy(g.f(x)), logits)
+        calls = {
+            "call": lambda: g(x, training=False),
+            "training call": lambda: g(x, training=True),
+            "predict": lambda: g.predict(x, verbose=0),
+            "predict_on_batch": lambda: g.predict_on_batch(x),
+            "evaluate": lambda: g.evaluate(x, y, verbose=0),
+            "fit": lambda: g.fit(x, y, epochs=1, verbose=0),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=re.escape(f"forward hook or pre-hook would run on {site}")) as error:
+                call()
+            assert "handle.remove()" in str(error.value), name
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(g.predict(x, verbose=0), before)
 
 
 def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):

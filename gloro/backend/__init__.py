@@ -25,6 +25,8 @@ as Keras chooses its own backend modules. Each exposes the same interface:
   adding the GloRo logs to Keras' own train and test steps in the pattern
   of that backend's trainer, and whatever the backend's training loops need
   so that a GloroNet survives them;
+- `forward_hook_site(layers)`: where a torch forward hook would change
+  what a layer computes (None on TensorFlow and JAX);
 - `pair_min_max(x)`: MinMax in the formulation fastest on that backend;
 - `value_marks(variables)` / `values_unchanged(variables, marks)`: cheap
   marks of variables' values that can spare a comparison (never a
@@ -75,6 +77,7 @@ value_marks = _impl.value_marks
 pair_min_max = _impl.pair_min_max
 all_equal = _impl.all_equal
 certificate_ops = _impl.certificate_ops
+forward_hook_site = _impl.forward_hook_site
 values_unchanged = _impl.values_unchanged
 
 

@@ -47,3 +47,9 @@ def all_equal(tensors, others):
         scalar bool tensor.
     """
     return ops.all(ops.stack([ops.all(ops.equal(a, b)) for a, b in zip(tensors, others)]))
+
+
+def forward_hook_site(layers):
+    """None: Keras layers run no forward hooks on TensorFlow and JAX (the
+    torch backend's `forward_hook_site` says where its hooks would run)."""
+    return None

@@ -63,6 +63,9 @@ all_equal = common.all_equal
 # Keras' per-call conversions cost nothing per batch.
 certificate_ops = ops
 
+# Keras layers run no torch hooks here.
+forward_hook_site = common.forward_hook_site
+
 
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels, and fewer kernels in XLA's
 # compiled step.

@@ -79,6 +79,9 @@ all_equal = common.all_equal
 # Keras' per-call conversions cost nothing per batch.
 certificate_ops = ops
 
+# Keras layers run no torch hooks here.
+forward_hook_site = common.forward_hook_site
+
 
 # MinMax (gloro.layers.MinMax): TensorFlow's CPU kernels copy strided slices: MinMax
 # networks predict about 40% faster with a reshape.

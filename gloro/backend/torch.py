@@ -25,6 +25,7 @@ import types
 import keras
 import numpy as np
 import torch
+import torch.nn.modules.module as torch_module
 from keras import ops
 
 from gloro.backend import common
@@ -102,6 +103,31 @@ certificate_ops = types.SimpleNamespace(
     where=torch.where,
     concatenate=lambda xs, axis: torch.cat(xs, dim=axis),
 )
+
+
+def forward_hook_site(layers):
+    """Where torch would run a forward hook or pre-hook around a call of
+    one of `layers`: a hook may replace a layer's input or output, so the
+    network it runs is not the one whose Lipschitz bound was computed.
+
+    Reads torch's hook registries directly (there is no public query); a
+    torch that renamed them fails here with an AttributeError rather than
+    reporting no hooks.
+
+    Args:
+        layers: Keras layers (torch modules on this backend).
+
+    Returns:
+        None, or where a hook would run, for an error message: `"layer
+        'name'"` for a layer's own hook, `"every module (a global hook)"`
+        for one from `torch.nn.modules.module.register_module_forward_hook`.
+    """
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "every module (a global hook)"
+    for layer in layers:
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return f"layer '{layer.name}'"
+    return None
 
 
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels.
