@@ -11,7 +11,8 @@ TENSORFLOW = [
     "tensorboard>=2.16",
 ]
 JAX = ["jax>=0.4.30"]
-TORCH = ["torch>=2.1"]
+# 2.4: `torch.is_autocast_enabled(device)`, read by the certifying forward pass.
+TORCH = ["torch>=2.4"]
 
 setup(
     # `gloro` on PyPI is the original TensorFlow 2 library (1.1.1); this one

@@ -150,6 +150,33 @@ def test_a_forward_hook_is_refused_where_it_would_change_the_certificate(site, r
     np.testing.assert_array_equal(g.predict(x, verbose=0), before)
 
 
+def test_certificates_under_a_callers_autocast_come_from_float32_logits(rng):
+    x, y = blobs(rng, n=256)
+    g = make_net()
+    g.compile(optimizer=keras.optimizers.Adam(1e-2), loss="crossentropy")
+    g.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    tensor = torch.from_numpy(x)
+    expected = {
+        "predict": g.predict(x, verbose=0),
+        "predict_on_batch": g.predict_on_batch(x),
+        "call": keras.ops.convert_to_numpy(g(tensor, training=False)),
+    }
+    hidden = g.f.layers[1]
+    outside = keras.ops.convert_to_numpy(hidden(tensor))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # The caller's autocast does round what a layer computes ...
+        assert not np.array_equal(keras.ops.convert_to_numpy(hidden(tensor)), outside)
+        got = {
+            "predict": g.predict(x, verbose=0),
+            "predict_on_batch": g.predict_on_batch(x),
+            "call": keras.ops.convert_to_numpy(g(tensor, training=False)),
+        }
+        # ... and is still on after the certifying calls.
+        assert torch.is_autocast_enabled("cpu")
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):
     # tf.distribute is TensorFlow's and keras.distribution JAX's (Keras
     # 3.15 has no torch distribution): one device per process on torch.
