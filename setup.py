@@ -11,8 +11,8 @@ TENSORFLOW = [
     "tensorboard>=2.16",
 ]
 JAX = ["jax>=0.4.30"]
-# 2.4: `torch.is_autocast_enabled(device)`, read by the certifying forward pass.
-TORCH = ["torch>=2.4"]
+# 2.9: the `fp32_precision` switches, which the certifying forward pass sets.
+TORCH = ["torch>=2.9"]
 
 setup(
     # `gloro` on PyPI is the original TensorFlow 2 library (1.1.1); this one

@@ -177,6 +177,63 @@ def test_certificates_under_a_callers_autocast_come_from_float32_logits(rng):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+PRECISION_SWITCHES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "mkldnn", "mkldnn.matmul", "mkldnn.conv")
+
+
+def _precision_state():
+    state = {}
+    for path in PRECISION_SWITCHES:
+        switch = torch.backends
+        for part in filter(None, path.split(".")):
+            switch = getattr(switch, part)
+        state[path or "torch.backends"] = switch.fp32_precision
+    return state
+
+
+def _set_by_the_caller(setting):
+    if setting == "set_float32_matmul_precision('medium')":
+        torch.set_float32_matmul_precision("medium")
+    elif setting == "fp32_precision tf32 / bf16":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+
+
+@pytest.mark.parametrize("setting", ["defaults", "set_float32_matmul_precision('medium')", "fp32_precision tf32 / bf16"])
+def test_the_certifying_pass_runs_in_full_float32_whatever_the_caller_set(setting, rng, monkeypatch):
+    """The switches that torch's kernels read (the numbers only differ on
+    GPUs and on CPUs with bfloat16 units, which this test cannot assume)."""
+    x, _ = blobs(rng, n=64)
+    g = make_net()
+    expected = g.predict(x, verbose=0)
+    seen = []
+    min_max = gloro.backend.pair_min_max
+    monkeypatch.setattr(gloro.backend, "pair_min_max", lambda z: (seen.append(_precision_state()), min_max(z))[1])
+    saved = _precision_state()
+    try:
+        _set_by_the_caller(setting)
+        callers = _precision_state()
+        if setting != "defaults":
+            assert "bf16" in callers.values() and "tf32" in callers.values()
+        np.testing.assert_array_equal(g.predict(x, verbose=0), expected)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(g(x, training=False)), expected)
+        # Every MinMax of the certifying passes ran with every switch at full float32 ...
+        assert seen and all(set(state.values()) == {"ieee"} for state in seen), seen
+        # ... and the caller gets back exactly what it set.
+        assert _precision_state() == callers
+        # A training pass is the caller's to make: its switches stay.
+        seen.clear()
+        g(x, training=True)
+        assert seen and all(state == callers for state in seen), seen
+    finally:
+        for path, value in zip(PRECISION_SWITCHES, saved.values()):
+            switch = torch.backends
+            for part in filter(None, path.split(".")):
+                switch = getattr(switch, part)
+            switch.fp32_precision = value
+
+
 def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):
     # tf.distribute is TensorFlow's and keras.distribution JAX's (Keras
     # 3.15 has no torch distribution): one device per process on torch.

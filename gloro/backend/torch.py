@@ -218,24 +218,47 @@ def average_pooling_replicates_edges(pool_size, strides, padding, input_shape):
 # Where `torch.autocast` can be on.
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
+# torch's switches of the internal precision of float32 matrix products and
+# convolutions (torch 2.9's API; `torch.set_float32_matmul_precision`
+# writes them too), parents before their children: "ieee" is full float32,
+# "tf32" and "bf16" round the operands, "none" inherits the parent's.
+_PRECISION_SWITCHES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "mkldnn", "mkldnn.matmul", "mkldnn.conv")
+
+
+def _precision_switch(path):
+    switch = torch.backends
+    for part in filter(None, path.split(".")):
+        switch = getattr(switch, part)
+    return switch
+
 
 @contextlib.contextmanager
 def full_precision():
-    """Float32 matrix products and convolutions inside the block: PyTorch
-    runs cuDNN convolutions in TF32 on recent NVIDIA GPUs by default, and
-    reads its switches when each operation runs; and a caller's
-    `torch.autocast` (bfloat16 on CPU moved logits by 0.015 on cnn_2C2F)
-    is switched off."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Full float32 matrix products and convolutions inside the block,
+    whatever the caller set: torch reads its precision switches when each
+    operation runs, and by default runs cuDNN convolutions in TF32 on
+    recent NVIDIA GPUs; `torch.set_float32_matmul_precision("medium")`
+    also runs CPU matrix products in bfloat16 where the CPU has it. A
+    caller's `torch.autocast` is switched off too (bfloat16 autocast on CPU
+    moved logits by 0.015 on cnn_2C2F). Everything is restored afterwards.
+
+    Only torch 2.9's switches (`fp32_precision`) are read and written: once
+    a caller has used them, torch refuses to read the older `allow_tf32`
+    flags.
+    """
+    switches = [_precision_switch(path) for path in _PRECISION_SWITCHES]
+    saved = [switch.fp32_precision for switch in switches]
     try:
+        for switch in switches:
+            switch.fp32_precision = "ieee"
         with contextlib.ExitStack() as stack:
             for device in _AUTOCAST_DEVICES:
                 if torch.is_autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, enabled=False))
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for switch, value in zip(switches, saved):
+            switch.fp32_precision = value
 
 
 def top_k(x, k):
