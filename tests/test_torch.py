@@ -180,14 +180,15 @@ def test_certificates_under_a_callers_autocast_come_from_float32_logits(rng):
 PRECISION_SWITCHES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "mkldnn", "mkldnn.matmul", "mkldnn.conv")
 
 
+def _switch(path):
+    switch = torch.backends
+    for part in filter(None, path.split(".")):
+        switch = getattr(switch, part)
+    return switch
+
+
 def _precision_state():
-    state = {}
-    for path in PRECISION_SWITCHES:
-        switch = torch.backends
-        for part in filter(None, path.split(".")):
-            switch = getattr(switch, part)
-        state[path or "torch.backends"] = switch.fp32_precision
-    return state
+    return {path or "torch.backends": _switch(path).fp32_precision for path in PRECISION_SWITCHES}
 
 
 def _set_by_the_caller(setting):
@@ -228,10 +229,7 @@ def test_the_certifying_pass_runs_in_full_float32_whatever_the_caller_set(settin
         assert seen and all(state == callers for state in seen), seen
     finally:
         for path, value in zip(PRECISION_SWITCHES, saved.values()):
-            switch = torch.backends
-            for part in filter(None, path.split(".")):
-                switch = getattr(switch, part)
-            switch.fp32_precision = value
+            _switch(path).fp32_precision = value
 
 
 def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):
