@@ -177,18 +177,19 @@ def test_certificates_under_a_callers_autocast_come_from_float32_logits(rng):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-PRECISION_SWITCHES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "mkldnn", "mkldnn.matmul", "mkldnn.conv")
-
-
-def _switch(path):
-    switch = torch.backends
-    for part in filter(None, path.split(".")):
-        switch = getattr(switch, part)
-    return switch
+PRECISION_SWITCHES = {
+    "torch.backends": torch.backends,
+    "cuda.matmul": torch.backends.cuda.matmul,
+    "cudnn": torch.backends.cudnn,
+    "cudnn.conv": torch.backends.cudnn.conv,
+    "mkldnn": torch.backends.mkldnn,
+    "mkldnn.matmul": torch.backends.mkldnn.matmul,
+    "mkldnn.conv": torch.backends.mkldnn.conv,
+}
 
 
 def _precision_state():
-    return {path or "torch.backends": _switch(path).fp32_precision for path in PRECISION_SWITCHES}
+    return {name: switch.fp32_precision for name, switch in PRECISION_SWITCHES.items()}
 
 
 def _set_by_the_caller(setting):
@@ -228,8 +229,8 @@ def test_the_certifying_pass_runs_in_full_float32_whatever_the_caller_set(settin
         g(x, training=True)
         assert seen and all(state == callers for state in seen), seen
     finally:
-        for path, value in zip(PRECISION_SWITCHES, saved.values()):
-            _switch(path).fp32_precision = value
+        for name, value in saved.items():
+            PRECISION_SWITCHES[name].fp32_precision = value
 
 
 def test_train_refuses_every_strategy_on_torch(tmp_path, monkeypatch):

@@ -222,14 +222,15 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 # convolutions (torch 2.9's API; `torch.set_float32_matmul_precision`
 # writes them too), parents before their children: "ieee" is full float32,
 # "tf32" and "bf16" round the operands, "none" inherits the parent's.
-_PRECISION_SWITCHES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "mkldnn", "mkldnn.matmul", "mkldnn.conv")
-
-
-def _precision_switch(path):
-    switch = torch.backends
-    for part in filter(None, path.split(".")):
-        switch = getattr(switch, part)
-    return switch
+_PRECISION_SWITCHES = (
+    torch.backends,
+    torch.backends.cuda.matmul,
+    torch.backends.cudnn,
+    torch.backends.cudnn.conv,
+    torch.backends.mkldnn,
+    torch.backends.mkldnn.matmul,
+    torch.backends.mkldnn.conv,
+)
 
 
 @contextlib.contextmanager
@@ -246,10 +247,9 @@ def full_precision():
     a caller has used them, torch refuses to read the older `allow_tf32`
     flags.
     """
-    switches = [_precision_switch(path) for path in _PRECISION_SWITCHES]
-    saved = [switch.fp32_precision for switch in switches]
+    saved = [switch.fp32_precision for switch in _PRECISION_SWITCHES]
     try:
-        for switch in switches:
+        for switch in _PRECISION_SWITCHES:
             switch.fp32_precision = "ieee"
         with contextlib.ExitStack() as stack:
             for device in _AUTOCAST_DEVICES:
@@ -257,7 +257,7 @@ def full_precision():
                     stack.enter_context(torch.autocast(device, enabled=False))
             yield
     finally:
-        for switch, value in zip(switches, saved):
+        for switch, value in zip(_PRECISION_SWITCHES, saved):
             switch.fp32_precision = value
 
 
