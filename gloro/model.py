@@ -37,6 +37,34 @@ def _to_gloro_layer(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
+def _functional(model):
+    """`model` as the functional model a GloroNet runs: itself if it is
+    one, the functional model of the same layers if it is a `Sequential`
+    (whose `pop` and `add` would otherwise change the network under the
+    GloroNet's bound).
+
+    Raises:
+        ValueError: `model` is a subclass of `keras.Model` (functional or
+            `Sequential`): its own methods could compute something other
+            than the graph of layers the bound covers.
+    """
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return model  # `graph.LipschitzGraph` says what is missing.
+    functional = keras.Model(inputs, outputs, name=model.name)
+    if type(model) is type(functional):
+        return model
+    if type(model) is not keras.Sequential:
+        raise ValueError(
+            f"Model '{model.name}' is a {type(model).__name__}, a subclass of keras.Model. A GloroNet "
+            "runs and bounds the graph of layers of a functional or Sequential model, and a subclass's "
+            "own methods (`call`, ...) could compute something else. To certify its graph of layers, "
+            "pass keras.Model(model.inputs, model.outputs)."
+        )
+    return functional
+
+
 def _with_gloro_layers(model):
     """`model` itself if its linear layers cache their norms, else a clone
     whose plain Dense/Conv2D layers are gloro layers with the same weights."""
@@ -141,7 +169,11 @@ class GloroNet(_GloroSteps, keras.Model):
     `Add`, `Subtract`, `Average` or `Concatenate` (see `gloro.graph`), ending
     in a linear `Dense` logits layer on flat features. Plain Keras
     `Dense` / `Conv2D` layers are swapped for the gloro versions, with the same
-    weights; `g.f` is the model actually used.
+    weights; `g.f` is the model actually used, a functional model (a
+    `Sequential` becomes the functional model of its layers, and a subclass
+    of `keras.Model`, whose methods could compute something other than its
+    graph, is refused). The GloroNet runs `f`'s graph through Keras'
+    functional `call`, whatever `call` or `forward` is set on the instance.
 
     Args:
         inputs, outputs: as for a functional `keras.Model` (the logits model).
@@ -186,7 +218,7 @@ class GloroNet(_GloroSteps, keras.Model):
         # every backend.
         for layer in model.layers:
             gloro_layers.check_weights_are_plain(layer)
-        self.f = _with_gloro_layers(model)
+        self.f = _with_gloro_layers(_functional(model))
         self._graph = graph.LipschitzGraph(self.f)
         _check_input_dtype(self.f)
         self._head = self._graph.head
@@ -296,10 +328,10 @@ class GloroNet(_GloroSteps, keras.Model):
         self._check_input(x)
         self._check_structure()
         if training:
-            logits = self.f(x, training=True)
+            logits = self._logits(x, training=True)
         else:
             with _full_precision(self.f):
-                logits = self.f(x, training=False)
+                logits = self._logits(x, training=False)
         epsilon = ops.convert_to_tensor(self._epsilon)
         if training:
             estimates = gloro_layers.power_steps(self._spectral, self.power_iterations)
@@ -317,6 +349,12 @@ class GloroNet(_GloroSteps, keras.Model):
                 [self._margin_lipschitz, self._epsilon, *self._certified_for, *self._certified_copies],
             )
         return self._certifier(logits)
+
+    def _logits(self, x, training):
+        """`f`'s logits through its class's `call`, which runs the graph of
+        layers the bound covers: `self.f(x)` would also run a `call` or a
+        torch `forward` set on the instance."""
+        return type(self.f).call(self.f, x, training=training)
 
     def _certified_outputs(self, logits, values):
         """The inference outputs from `values`, the margin constants, epsilon,

@@ -547,3 +547,69 @@ def test_half_precision_policies_certify_from_float32_logits(policy, rng):
     assert np.all(radius[certified] > g.epsilon)
     # Training still runs in the policy's dtype.
     assert g.f.layers[1].compute_dtype != "float32"
+
+
+# -------------------------- 12. the logits model runs its bounded graph
+
+
+class LoudModel(keras.Model):
+    """A functional model whose `call` scales the graph's logits by 1000:
+    its Lipschitz constant is 1000 times that of its graph of layers."""
+
+    def call(self, inputs, training=None, mask=None):
+        return 1000.0 * super().call(inputs, training=training, mask=mask)
+
+
+class LoudSequential(keras.Sequential):
+    def call(self, inputs, training=None, mask=None):
+        return 1000.0 * super().call(inputs, training=training, mask=mask)
+
+
+def test_a_model_subclass_is_refused():
+    x, y = dense_net()
+    loud = LoudModel(x, y)
+    points = np.ones((1, 2), "float32")
+    assert np.allclose(ops.convert_to_numpy(loud(points)), 1000.0 * ops.convert_to_numpy(keras.Model(x, y)(points)))
+    for model in (loud, LoudSequential([keras.Input((2,)), layers.Dense(4), layers.MinMax(), layers.Dense(2)])):
+        with pytest.raises(ValueError, match=f"'{model.name}' is a {type(model).__name__}, a subclass of keras.Model"):
+            gloro.GloroNet(model=model, epsilon=0.1)
+    # What the message suggests certifies the graph of layers.
+    g = gloro.GloroNet(model=keras.Model(loud.inputs, loud.outputs), epsilon=0.1)
+    np.testing.assert_allclose(g.predict(points, verbose=0)[:, :2], ops.convert_to_numpy(loud(points)) / 1000.0,
+                               rtol=1e-5)
+
+
+def test_a_sequential_changed_after_building_does_not_change_the_net(rng):
+    model = keras.Sequential([keras.Input((2,)), layers.Dense(8), layers.MinMax(), layers.Dense(2)])
+    g = gloro.GloroNet(model=model, epsilon=0.1)
+    points = rng.normal(size=(16, 2)).astype("float32")
+    before = g.predict(points, verbose=0)
+    head = model.pop()
+    model.add(keras.layers.Rescaling(1000.0))
+    model.add(head)
+    assert not np.allclose(ops.convert_to_numpy(model(points)), before[:, :2])
+    # `g.f` is the functional model of the layers, with no `pop` or `add`.
+    assert not isinstance(g.f, keras.Sequential)
+    np.testing.assert_array_equal(g.predict(points, verbose=0), before)
+
+
+def test_a_call_set_on_the_logits_model_is_not_run(rng):
+    g = frozen_net()
+    points = rng.normal(size=(16, 2)).astype("float32")
+    before = g.predict(points, verbose=0)
+    original = g.f.call
+    loud = lambda inputs, training=None, mask=None: 1000.0 * original(inputs, training=training, mask=mask)  # noqa: E731
+    g.f.call = loud
+    if keras.backend.backend() == "torch":
+        g.f.forward = loud
+    assert not np.allclose(ops.convert_to_numpy(g.f(points)), before[:, :2])
+    np.testing.assert_array_equal(g.predict(points, verbose=0), before)
+    np.testing.assert_array_equal(ops.convert_to_numpy(g(points)), before)
+
+
+def test_the_logits_model_cannot_be_replaced():
+    # Keras refuses a new sub-layer on a built layer; the GloroNet is built
+    # when it is made, so its bound always covers the `f` it runs.
+    g = frozen_net()
+    with pytest.raises(ValueError, match="already built"):
+        g.f = keras.Model(*dense_net())

@@ -202,7 +202,9 @@ def test_plain_keras_model_is_converted(rng):
         keras.layers.Dense(3),
     ])
     g = gloro.GloroNet(model=f, epsilon=0.1)
-    assert isinstance(g.f.layers[0], layers.Conv2D)
+    # The functional model of the same layers, with the InputLayer first.
+    assert isinstance(g.f.layers[0], keras.layers.InputLayer)
+    assert isinstance(g.f.layers[1], layers.Conv2D)
     x = rng.normal(size=(5, 6, 6, 1)).astype("float32")
     np.testing.assert_allclose(g.predict(x, verbose=0)[:, :3], f.predict(x, verbose=0), rtol=1e-6)
 
