@@ -395,7 +395,9 @@ class GloroNet(_GloroSteps, keras.Model):
                 a layer or the GloroNet; the message names it.
         """
         self._check_own_dtype()
-        hooked = backend.forward_hook_site([self, self.f, *self._graph._all_layers])
+        # Not `self.f`: its `call` runs without its own `__call__`, so a hook
+        # on it never runs here (`_logits`).
+        hooked = backend.forward_hook_site([self, *self._graph._all_layers])
         if hooked is not None:
             raise ValueError(
                 f"A torch forward hook or pre-hook would run on {hooked} in GloroNet "
