@@ -11,6 +11,10 @@ Usage (from the repository root):
 
     KERAS_BACKEND=jax python benchmarks/gpu_jax.py --out benchmarks/gpu_jax.json
 
+Mixed precision (issue 17): add `--dtype-policies float32,mixed_bfloat16`;
+each network then also runs with bfloat16 layers (plain and GloRo alike),
+and the GloroNet's epoch is compared with its float32 epoch.
+
 See BENCHMARKS.md for the latest figures.
 """
 
@@ -42,6 +46,9 @@ def main():
     parser.add_argument("--power-iterations", default="",
                         help="comma-separated power-iteration steps per training step, one run each "
                              "(default: GloroNet's default)")
+    parser.add_argument("--dtype-policies", default="float32",
+                        help="comma-separated dtype policies of both networks' layers, one run each (e.g. "
+                             "float32,mixed_bfloat16); the GloroNet certifies in float32 under each")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every data size (smoke runs)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -69,17 +76,34 @@ def main():
         xc, _ = run.synthetic_data(spec["input_shape"], n_cert, 1)
         runs = {}
         for steps in map(int, (args.power_iterations or str(gloro.model.DEFAULT_POWER_ITERATIONS)).split(",")):
-            print(f"{name}, {steps} power-iteration steps: {n_train} training, {n_cert} certification "
-                  "examples", flush=True)
-            plain, g = run.build_models(name, 0, "keras", "auto", power_iterations=steps)
-            net = {"train_examples": n_train, "certify_examples": n_cert}
-            net["training"] = run.bench_training(plain, g, x, y, args.repeats, print, input_kind="numpy")
-            net["certification"] = run.bench_certification(
-                plain, g, xc, args.repeats, print, n_cert, input_kind="numpy"
-            )
-            print(f"  training ratio {net['training']['ratio_wall']:.3f}, "
-                  f"certification ratio {net['certification']['ratio']:.3f}", flush=True)
-            runs[steps] = net
+            runs[steps] = {}
+            for policy in args.dtype_policies.split(","):
+                print(f"{name}, {steps} power-iteration steps, {policy}: {n_train} training, {n_cert} "
+                      "certification examples", flush=True)
+                # Layers read the global policy when they are made; the
+                # GloroNet itself stays float32.
+                keras.config.set_dtype_policy(policy)
+                try:
+                    plain, g = run.build_models(name, 0, "keras", "auto", power_iterations=steps)
+                finally:
+                    keras.config.set_dtype_policy("float32")
+                net = {"train_examples": n_train, "certify_examples": n_cert}
+                net["training"] = run.bench_training(plain, g, x, y, args.repeats, print, input_kind="numpy")
+                net["certification"] = run.bench_certification(
+                    plain, g, xc, args.repeats, print, n_cert, input_kind="numpy"
+                )
+                print(f"  training ratio {net['training']['ratio_wall']:.3f}, "
+                      f"certification ratio {net['certification']['ratio']:.3f}", flush=True)
+                if policy != "float32" and "float32" in runs[steps]:
+                    # Same process, minutes apart: the GloroNet's epoch in
+                    # this policy against its float32 epoch.
+                    net["training"]["gloro_epoch_vs_float32"] = run._ratio(
+                        net["training"]["gloro"]["wall_median"],
+                        runs[steps]["float32"]["training"]["gloro"]["wall_median"],
+                    )
+                    print(f"  GloroNet epoch against float32: {net['training']['gloro_epoch_vs_float32']:.3f}",
+                          flush=True)
+                runs[steps][policy] = net
         results["networks"][name] = runs
     with open(args.out, "w") as file:
         json.dump(results, file, indent=2)

@@ -117,6 +117,9 @@ _LIRESNET_DEFAULTS = {
     name: parameter.default for name, parameter in inspect.signature(architectures.liresnet).parameters.items()
 }
 Strategy = Literal["none", "mirrored", "multiworker", "data_parallel"]
+# mixed_float16 is left out: it needs loss scaling, which Keras only adds
+# for a model whose own policy is mixed, and a GloroNet's own is float32.
+DtypePolicy = Literal["float32", "mixed_bfloat16"]
 
 # The backend each --strategy runs on.
 _STRATEGY_BACKENDS = {"mirrored": "tensorflow", "multiworker": "tensorflow", "data_parallel": "jax"}
@@ -516,6 +519,18 @@ _MAX_BATCH_SIZE = 2**31 - 1
 _MAX_SEED = 2**32 - 1
 
 
+@contextlib.contextmanager
+def _global_dtype_policy(policy):
+    """Builds the layers made inside the block with `policy` (Keras reads the
+    global policy when a layer is made), and restores the previous one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def train(
     dataset: Annotated[str, typer.Option(help="Dataset name for gloro.data.load.")] = "fashion_mnist",
     architecture: Annotated[
@@ -573,6 +588,10 @@ def train(
     power_iterations: Annotated[
         int, typer.Option(min=1, help="Power-iteration steps per layer per step.")
     ] = gloro.model.DEFAULT_POWER_ITERATIONS,
+    dtype_policy: Annotated[
+        DtypePolicy,
+        typer.Option(help="Dtype policy of the network's layers in training; certificates are float32 either way."),
+    ] = "float32",
     verbose: Annotated[
         int, typer.Option(min=0, max=2, help="0 silent, 1 progress bar, 2 one line per epoch.")
     ] = 1,
@@ -661,9 +680,10 @@ def train(
 
     keras.utils.set_random_seed(seed)
     with distribution.scope:
-        f = architectures.get(
-            architecture, info.input_shape, info.num_classes, activation=activation, seed=seed, **options
-        )
+        with _global_dtype_policy(dtype_policy):
+            f = architectures.get(
+                architecture, info.input_shape, info.num_classes, activation=activation, seed=seed, **options
+            )
         g = gloro.GloroNet(model=f, epsilon=epsilon, power_iterations=power_iterations)
         total_steps = epochs * math.ceil(info.num_examples / batch_size)
         learning_rate = schedules.ScheduledLearningRate(lr_multipliers, lr, total_steps)

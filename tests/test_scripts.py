@@ -36,7 +36,7 @@ tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.tensorflow
 
 import gloro  # noqa: E402
-from gloro import data  # noqa: E402
+from gloro import certificates, data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -323,6 +323,31 @@ def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
 
 
 @functools.cache
+def test_train_in_mixed_bfloat16_certifies_from_float32_logits(data_dir, tmp_path):
+    invoke(TRAIN, *TRAIN_FLAGS, "--epochs", 1, "--batch-size", 64, "--dtype-policy", "mixed_bfloat16",
+           "--data-dir", data_dir, "--out", tmp_path)
+    # The policy reached the layers, and stayed with them.
+    assert keras.config.dtype_policy().name == "float32"
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["dtype_policy"] == "mixed_bfloat16"
+    g = gloro.load_model(tmp_path / "model.keras")
+    assert {layer.compute_dtype for layer in g.f.layers[1:]} == {"bfloat16"}
+    ds, _ = data.load("synthetic", "test", data_dir=data_dir)
+    x = np.stack([image for image, _ in ds.as_numpy_iterator()])
+    m = g.num_classes
+    out = g.predict(x, verbose=0)
+    # The same weights in float32 layers: the certificate's logits are
+    # theirs (bfloat16 logits differ by about 1e-2).
+    float32_f = keras.models.clone_model(
+        g.f, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+    )
+    float32_f.set_weights(g.f.get_weights())
+    np.testing.assert_allclose(out[:, :m], float32_f.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[:, :m], keras.ops.convert_to_numpy(g.f(x)), rtol=1e-4, atol=1e-4)
+    radius = certificates.certified_radius(float32_f.predict(x, verbose=0), g.lipschitz_constant())
+    certified = np.argmax(out, axis=1) < m
+    assert certified.any() and np.all(radius[certified] > g.epsilon)
+
+
 def _load_module(script):
     spec = importlib.util.spec_from_file_location(f"_script_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
@@ -357,6 +382,7 @@ def _load_module(script):
         (["--batch-size", "99999999999999999999"], "--batch-size"),
         (["--epsilon", "1e39"], "--epsilon"),
         (["--lr", "1e39"], "--lr"),
+        (["--dtype-policy", "mixed_float16"], "--dtype-policy"),
         (["--worker-timeout", "0"], "--worker-timeout"),
         (["--worker-timeout", "inf"], "--worker-timeout"),
         (["--out", "{tmp}/file"], "--out"),
