@@ -323,6 +323,9 @@ def test_certify_reports_relaxed_sets(trained, data_dir, tmp_path):
 
 
 @functools.cache
+# In the long tier: tests/test_holes.py certifies from float32 logits under
+# both half-precision policies in the default tier; this is the script's flag.
+@pytest.mark.slow
 def test_train_in_mixed_bfloat16_certifies_from_float32_logits(data_dir, tmp_path):
     invoke(TRAIN, *TRAIN_FLAGS, "--epochs", 1, "--batch-size", 64, "--dtype-policy", "mixed_bfloat16",
            "--data-dir", data_dir, "--out", tmp_path)
