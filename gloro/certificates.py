@@ -90,39 +90,44 @@ def add_bottom_logit(logits, margin_lipschitz, epsilon, certify=True):
     # [[3, 1, 2]: certified (2 > 1 + 0.5 * 2), [1, 1, 2]: a tie, never certified]
     ```
     """
-    logits = ops.cast(logits, "float32")
-    margin_lipschitz = ops.cast(margin_lipschitz, "float32")
-    epsilon = ops.cast(epsilon, "float32")
-    certify = ops.cast(certify, "bool")
     # Kept to few operations, to tensor operators where they mean the same on
     # every backend, and to `backend.certificate_ops`: an eager caller on
     # torch pays for each `keras.ops` call several times what the
     # arithmetic costs.
-    xp = backend.certificate_ops
-    # The argmax's own column is masked with -inf on the (m, m) offsets
-    # rather than on the (n, m) competitors: one small operation instead of
-    # three on every row. Only the argmax itself is masked: a class tied
-    # with it stays a competitor, so ties are never certified. (A diagonal
-    # of the constants that is not finite leaves NaN there, and a NaN ⊥
-    # is never certified.)
-    offsets = epsilon * margin_lipschitz + ops.convert_to_tensor(_diagonal_mask(logits.shape[1]))
-    top = xp.max(logits, axis=1)
-    bottom = xp.max(logits + xp.take(offsets, xp.argmax(logits, axis=1), axis=0), axis=1)
-    finite = xp.all(xp.isfinite(logits), axis=1)
-    certified = (top - bottom > MARGIN_SLACK * (abs(top) + abs(bottom))) & finite & _valid_epsilon(epsilon)
-    # A rejected row's ⊥ sits at least a nudge above the top logit. Not
-    # ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
-    # TensorFlow's argmax then skips.
-    floor = top + _nudge(top)
-    bottom = xp.where(certified | (bottom > floor), bottom, floor)
-    bottom = xp.where(finite & certify, bottom, np.inf)
-    logits = xp.where(finite[:, None], logits, -np.inf)
-    return xp.concatenate([logits, bottom[:, None]], axis=1)
+    xp = backend.certificate_ops(logits)
+    logits = xp.cast(logits, "float32")
+    margin_lipschitz = xp.cast(margin_lipschitz, "float32")
+    epsilon = xp.cast(epsilon, "float32")
+    certify = xp.cast(certify, "bool")
+    with xp.quiet():
+        # The argmax's own column is masked with -inf on the (m, m) offsets
+        # rather than on the (n, m) competitors: one small operation instead
+        # of three on every row. Only the argmax itself is masked: a class
+        # tied with it stays a competitor, so ties are never certified. (A
+        # diagonal of the constants that is not finite leaves NaN there,
+        # and a NaN ⊥ is never certified.)
+        offsets = epsilon * margin_lipschitz + xp.convert_to_tensor(_diagonal_mask(logits.shape[1]))
+        top = xp.max(logits, axis=1)
+        bottom = xp.max(logits + xp.take(offsets, xp.argmax(logits, axis=1), axis=0), axis=1)
+        finite = xp.finite_rows(logits)
+        certified = (top - bottom > MARGIN_SLACK * (abs(top) + abs(bottom))) & finite & _valid_epsilon(epsilon)
+        # A rejected row's ⊥ sits at least a nudge above the top logit. Not
+        # ops.maximum: it returns NaN for a NaN ⊥ on some backends, which
+        # TensorFlow's argmax then skips.
+        floor = top + _nudge(top)
+        bottom = xp.where(certified | (bottom > floor), bottom, floor)
+        bottom = xp.where(finite & certify, bottom, np.inf)
+        logits = xp.where(finite[:, None], logits, -np.inf)
+        return xp.concatenate([logits, bottom[:, None]], axis=1)
 
 
 def _valid_epsilon(epsilon):
-    """Scalar bool tensor: epsilon is finite and >= 0."""
-    return backend.certificate_ops.isfinite(epsilon) & (epsilon >= 0)
+    """Scalar bool tensor: epsilon is finite and >= 0. Two comparisons,
+    which NaN fails: `isfinite` is four operations on torch."""
+    return (epsilon >= 0.0) & (epsilon <= _FLOAT32_MAX)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_relaxation_k(k, num_classes):

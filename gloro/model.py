@@ -258,10 +258,13 @@ class GloroNet(_GloroSteps, keras.Model):
         # copies would all be infinite, the logits layer's kernel included,
         # so every logit would be inf or NaN, which never certifies. (Not NaN:
         # JAX checks that every process creates a variable with equal
-        # values, and NaN never equals itself.)
+        # values, and NaN never equals itself.) Each copy is laid out in
+        # memory as its weight is (torch keeps an `Orthogonal` kernel
+        # transposed), so that the comparison on every certifying call
+        # reads both in one order.
         self._certified_copies = [
             self.add_weight(
-                shape=v.shape, initializer=keras.initializers.Constant(np.inf),
+                shape=v.shape, initializer=lambda shape, dtype, v=v: backend.filled_like(v.value, np.inf),
                 trainable=False, dtype=v.dtype, aggregation="only_first_replica",
                 name=f"certified_copy_{i}",
             )

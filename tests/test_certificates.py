@@ -131,33 +131,87 @@ def test_a_diagonal_that_is_not_finite_certifies_nothing(rng, bad):
     assert (np.argmax(bottom(logits, k, 0.1), axis=1) == 4).all()
 
 
-def test_certificate_ops_are_keras_ops():
-    """`backend.certificate_ops` (direct torch calls on torch) gives what
-    `keras.ops` gives, NaN and infinities included."""
+def _certificate_namespaces(t):
+    """Every namespace `backend.certificate_ops` picks for tensors like `t`:
+    on torch, NumPy's for a tensor that needs no gradient and torch's for
+    one that does; Keras' on the other backends."""
     from gloro import backend
 
+    namespaces = [backend.certificate_ops(t)]
+    if keras.backend.backend() == "torch":
+        namespaces.append(backend.certificate_ops(t.clone().requires_grad_(True)))
+        assert namespaces[0] is not namespaces[1]
+    return namespaces
+
+
+def test_certificate_ops_are_keras_ops():
+    """`backend.certificate_ops` (direct torch or NumPy calls on torch) gives
+    what `keras.ops` gives, NaN and infinities included."""
     ops = keras.ops
-    xp = backend.certificate_ops
     x = np.array([[1.0, np.nan, -2.0], [np.inf, 3.0, 3.0], [-np.inf, -1.0, 0.0], [0.5, 0.5, -0.0]], "float32")
     t = ops.convert_to_tensor(x)
-    mask = ops.convert_to_tensor(x > 0)
     rows = ops.argmax(ops.convert_to_tensor(np.nan_to_num(x)), axis=1)
-    pairs = [
-        (xp.max(t, axis=1), ops.max(t, axis=1)),
-        (xp.argmax(ops.convert_to_tensor(np.nan_to_num(x, nan=0.0)), axis=1), rows),
-        (xp.take(t, rows, axis=0), ops.take(t, rows, axis=0)),
-        (xp.isfinite(t), ops.isfinite(t)),
-        (xp.all(mask, axis=1), ops.all(mask, axis=1)),
-        (xp.where(mask, t, np.inf), ops.where(mask, t, np.inf)),
-        (xp.where(mask, t, -t), ops.where(mask, t, -t)),
-        (xp.concatenate([t, t[:, :1]], axis=1), ops.concatenate([t, t[:, :1]], axis=1)),
-    ]
-    for ours, theirs in pairs:
-        ours, theirs = numpy(ours), numpy(theirs)
-        assert ours.shape == theirs.shape
-        if ours.dtype.kind == "f":
-            assert ours.dtype == theirs.dtype
-        np.testing.assert_array_equal(ours, theirs)
+    for xp in _certificate_namespaces(t):
+        ours_t = xp.cast(t, "float32")
+        mask = xp.cast(ops.convert_to_tensor(x > 0), "bool")
+        ours_rows = xp.argmax(xp.cast(ops.convert_to_tensor(np.nan_to_num(x, nan=0.0)), "float32"), axis=1)
+        pairs = [
+            (ours_t, t),
+            (xp.convert_to_tensor(x), ops.convert_to_tensor(x)),
+            (xp.max(ours_t, axis=1), ops.max(t, axis=1)),
+            (ours_rows, rows),
+            (xp.take(ours_t, ours_rows, axis=0), ops.take(t, rows, axis=0)),
+            (xp.finite_rows(ours_t), ops.all(ops.isfinite(t), axis=1)),
+            (xp.where(mask, ours_t, np.inf), ops.where(x > 0, t, np.inf)),
+            (xp.where(mask, ours_t, -ours_t), ops.where(x > 0, t, -t)),
+            (xp.concatenate([ours_t, ours_t[:, :1]], axis=1), ops.concatenate([t, t[:, :1]], axis=1)),
+        ]
+        for ours, theirs in pairs:
+            ours, theirs = numpy(ours), numpy(theirs)
+            assert ours.shape == theirs.shape
+            if ours.dtype.kind == "f":
+                assert ours.dtype == theirs.dtype
+            np.testing.assert_array_equal(ours, theirs)
+        # The result is a tensor of the backend whatever computed it.
+        assert ops.is_tensor(xp.concatenate([ours_t, ours_t], axis=1))
+
+
+def test_the_bottom_logit_is_the_same_from_every_namespace(rng):
+    """The ⊥ logit computed by each namespace `certificate_ops` picks (on
+    torch: NumPy's for `predict`, torch's where gradients flow) is the same
+    bits, on rows built to sit on every edge: ties, thresholds, zeros,
+    denormals, huge and non-finite logits, bad epsilons and diagonals."""
+    m = 6
+    logits = (rng.normal(size=(400, m)) * 3).astype("float32")
+    logits[:40, 1] = logits[:40, 0] = logits[:40].max(axis=1) + 1  # ties
+    logits[40:60] = 0.0
+    logits[60:80] *= 1e-40  # denormals
+    logits[80:100] *= 1e37
+    logits[100:110, 2] = np.nan
+    logits[110:120, 3] = np.inf
+    logits[120:130, 4] = -np.inf
+    k = margin_matrix(rng, m, 0.3)
+    k[0, 1] = k[1, 0] = 0.0
+    bad_diagonal = k.copy()
+    np.fill_diagonal(bad_diagonal, np.nan)
+    t = keras.ops.convert_to_tensor(logits)
+    namespaces = _certificate_namespaces(t)
+    cases = [(k, e, c) for e in (0.0, 0.3, 1.0, 1e30, np.inf, np.nan, -0.5) for c in (True, False)]
+    cases.append((bad_diagonal, 0.3, True))
+    for constants, epsilon, certify in cases:
+        args = (keras.ops.convert_to_tensor(constants), keras.ops.convert_to_tensor(np.float32(epsilon)),
+                keras.ops.convert_to_tensor(certify))
+        outputs = [numpy(add_bottom_logit(t, *args))]
+        if len(namespaces) > 1:
+            outputs.append(numpy(add_bottom_logit(t.clone().requires_grad_(True), *args).detach()))
+        for out in outputs[1:]:
+            assert out.dtype == outputs[0].dtype == np.float32
+            np.testing.assert_array_equal(out.view(np.int32), outputs[0].view(np.int32))
+        # The edges do reach both outcomes.
+        granted = np.argmax(outputs[0], axis=1) != m
+        if epsilon == 0.3 and certify and constants is k:
+            assert 0 < granted.sum() < len(logits) - 40
+            assert not granted[:40].any() and not granted[100:130].any()
 
 
 def test_works_traced_with_a_dynamic_batch(rng):

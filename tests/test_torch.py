@@ -290,3 +290,26 @@ def test_torch_compile_certifies_what_the_eager_call_does(rng):
     clear = np.abs(eager[:, :3].max(axis=1) - eager[:, 3]) > 1e-3
     assert clear.sum() > 32
     np.testing.assert_array_equal(compiled[clear].argmax(1), eager[clear].argmax(1))
+
+
+def test_the_certifying_call_runs_under_torch_func_transforms(rng):
+    """The ⊥ logit reads logits that need no gradient through NumPy; the
+    tensors of `torch.func` transforms have no memory to read, so there it
+    stays in torch: the outputs equal the plain call's and the input
+    gradient equals autograd's."""
+    x, _ = blobs(rng, n=16)
+    g = make_net()
+    g.freeze_lipschitz()
+    t = torch.tensor(x)
+    with torch.no_grad():
+        eager = g(t, training=False)
+    batched = torch.func.vmap(lambda row: g(row[None], training=False)[0])(t)
+    np.testing.assert_array_equal(batched.detach().numpy(), eager.numpy())
+
+    def bottom_sum(inputs):
+        return g(inputs, training=False)[:, -1].sum()
+
+    leaf = t.clone().requires_grad_(True)
+    bottom_sum(leaf).backward()
+    np.testing.assert_allclose(torch.func.grad(bottom_sum)(t).detach().numpy(), leaf.grad.numpy(), rtol=1e-6, atol=1e-7)
+    assert leaf.grad.abs().sum() > 0

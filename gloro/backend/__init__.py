@@ -12,9 +12,13 @@ as Keras chooses its own backend modules. Each exposes the same interface:
 - `value_and_grad(fn)`: the input gradient of a batched function;
 - `all_equal(tensors, others)`: whether tensors equal others exactly, as a
   scalar bool tensor (the stale-weight check);
-- `certificate_ops`: the `keras.ops` functions the ⊥ logit calls
-  (`max`, `argmax`, `take`, `isfinite`, `all`, `where`, `concatenate`),
-  without Keras' argument conversion where the ⊥ logit runs eagerly;
+- `certificate_ops(logits)`: the functions the ⊥ logit calls on these
+  logits (`keras.ops` semantics: `cast`, `convert_to_tensor`, `max`,
+  `argmax`, `take`, `where`, `concatenate`; `finite_rows`; `quiet`, a
+  context for its arithmetic), without Keras' argument conversion where
+  the ⊥ logit runs eagerly;
+- `filled_like(tensor, value)`: a constant with a tensor's shape, dtype
+  and, where the backend lets us choose, memory layout;
 - `top_k(x, k)`: `keras.ops.top_k` with ties in the order of their indices;
 - `full_precision()`: a context in which float32 matrix products and
   convolutions run in full float32 (no TF32 on NVIDIA GPUs), for the
@@ -77,6 +81,7 @@ value_marks = _impl.value_marks
 pair_min_max = _impl.pair_min_max
 all_equal = _impl.all_equal
 certificate_ops = _impl.certificate_ops
+filled_like = _impl.filled_like
 forward_hook_site = _impl.forward_hook_site
 values_unchanged = _impl.values_unchanged
 

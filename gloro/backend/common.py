@@ -2,6 +2,11 @@
 backends, which each backend module picks from (it names the choice, this
 module names no backend)."""
 
+import contextlib
+import types
+
+import keras
+import numpy as np
 from keras import ops
 
 
@@ -47,6 +52,47 @@ def all_equal(tensors, others):
         scalar bool tensor.
     """
     return ops.all(ops.stack([ops.all(ops.equal(a, b)) for a, b in zip(tensors, others)]))
+
+
+def filled_like(tensor, value):
+    """An array of `value`s with `tensor`'s shape and dtype (TensorFlow and
+    JAX choose memory layouts themselves).
+
+    Args:
+        tensor: a tensor.
+        value: a number.
+
+    Returns:
+        NumPy array.
+    """
+    return np.full(tuple(tensor.shape), value, keras.backend.standardize_dtype(tensor.dtype))
+
+
+def finite_rows(x):
+    """Bool `(n,)`: row `i` of the `(n, m)` tensor `x` holds no NaN or inf.
+
+    Args:
+        x: float tensor `(n, m)`.
+
+    Returns:
+        bool tensor `(n,)`.
+    """
+    return ops.all(ops.isfinite(x), axis=1)
+
+
+# What `gloro.certificates.add_bottom_logit` calls besides tensor operators:
+# Keras' own ops, where the ⊥ logit is compiled into the caller's graph.
+KERAS_CERTIFICATE_OPS = types.SimpleNamespace(
+    cast=ops.cast,
+    convert_to_tensor=ops.convert_to_tensor,
+    max=ops.max,
+    argmax=ops.argmax,
+    take=ops.take,
+    where=ops.where,
+    concatenate=ops.concatenate,
+    finite_rows=finite_rows,
+    quiet=contextlib.nullcontext,
+)
 
 
 def forward_hook_site(layers):
