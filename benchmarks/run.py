@@ -425,7 +425,9 @@ def bench_certification(plain, g, x, repeats, log, n_examples, input_kind="datas
 def bench_batch(plain, g, x, repeats, log, calls=10):
     """One batch at a time, as a serving loop or a custom evaluation loop
     certifies: `predict_on_batch(x)` and the direct call `model(x)` on a
-    tensor, for the frozen GloroNet and the plain network.
+    tensor, for the frozen GloroNet and the plain network; on torch also
+    the direct call under `torch.no_grad()`, as a PyTorch serving loop
+    makes it (`call` there records an autograd graph).
 
     The two run call by call in pairs (`repeats * calls` pairs, the order
     alternating), and the figure is the median of the pairs' ratios, with a
@@ -438,6 +440,7 @@ def bench_batch(plain, g, x, repeats, log, calls=10):
         wall-time ratios), `ratio_interval`, `ratio_of_medians` and
         `ratio_cpu` (of the CPU-time medians).
     """
+    import keras
     import numpy as np
     from keras import ops
 
@@ -448,6 +451,15 @@ def bench_batch(plain, g, x, repeats, log, calls=10):
         "predict_on_batch": lambda m: m.predict_on_batch(batch),
         "call": lambda m: ops.convert_to_numpy(m(tensor, training=False)),
     }
+    if keras.backend.backend() == "torch":
+        import torch
+
+        # How a PyTorch serving loop calls a model: without recording a graph.
+        def call_no_grad(m):
+            with torch.no_grad():
+                return ops.convert_to_numpy(m(tensor, training=False))
+
+        paths["call_no_grad"] = call_no_grad
     resample = np.random.default_rng(0)
     res = {}
     for path, run_once in paths.items():
@@ -1235,6 +1247,7 @@ def main(argv=None):
             "certify_ratio_cpu": net.get("certification", {}).get("ratio_cpu"),
             "batch_predict_on_batch_ratio": net.get("batch", {}).get("predict_on_batch", {}).get("ratio"),
             "batch_call_ratio": net.get("batch", {}).get("call", {}).get("ratio"),
+            "batch_call_no_grad_ratio": net.get("batch", {}).get("call_no_grad", {}).get("ratio"),
             "stale_check_ratio": net.get("stale_check", {}).get("ratio"),
             "stale_check_ratio_cpu": net.get("stale_check", {}).get("ratio_cpu"),
             "memory_train_ratio": net.get("memory", {}).get("allocator", {}).get("train", {}).get("ratio_gross"),

@@ -201,7 +201,17 @@ class GloroNet(_GloroSteps, keras.Model):
 
     def __init__(self, inputs=None, outputs=None, *, model=None, epsilon, power_iterations=DEFAULT_POWER_ITERATIONS, **kwargs):
         kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
+        if kwargs.pop("autocast", False):
+            raise ValueError(
+                "GloroNet never autocasts its variables (autocast=False): it compares every weight "
+                "with its frozen copy in the weight's own dtype. Leave `autocast` unset."
+            )
+        # Called inside a mixed-precision layer, Keras would otherwise read
+        # every variable rounded to the caller's dtype: a float64 weight
+        # changed below float32's resolution kept certifying with the
+        # constants of the old weight. Each layer of `f` still autocasts as
+        # its own policy says.
+        super().__init__(autocast=False, **kwargs)
         self._check_own_dtype()
         if model is None:
             if inputs is None or outputs is None:

@@ -517,6 +517,37 @@ def test_a_half_precision_policy_on_the_gloro_net_itself_is_refused(rng):
         g.predict_on_batch(points)
 
 
+def test_a_caller_in_mixed_precision_does_not_round_the_compared_weights(rng):
+    # Called inside a mixed-precision layer, Keras read every variable
+    # rounded to that layer's dtype: a float64 weight changed below
+    # float32's resolution compared equal to its frozen copy, and the net
+    # kept certifying with the constants of the old weight.
+    x = keras.Input((2,), dtype="float64")
+    z = layers.MinMax(dtype="float64")(layers.Dense(8, dtype="float64")(x))
+    g = gloro.GloroNet(x, layers.Dense(3, dtype="float64")(z), epsilon=0.1)
+
+    class Caller(keras.layers.Layer):
+        def call(self, inputs):
+            return g(inputs)
+
+    caller = Caller(dtype="mixed_float16")
+    points = rng.normal(size=(64, 2))
+    g.freeze_lipschitz()
+    before = ops.convert_to_numpy(caller(points))
+    assert (before.argmax(axis=1) < 3).any()
+    kernel = g.f.layers[1].kernel
+    changed = ops.convert_to_numpy(kernel).copy()
+    if changed.dtype != np.float64:
+        pytest.skip("this backend holds float64 variables in float32 (JAX without jax_enable_x64)")
+    changed[0, 0] *= 1 + 1e-12
+    assert changed[0, 0].astype(np.float32) == ops.convert_to_numpy(kernel)[0, 0].astype(np.float32)
+    kernel.assign(changed)
+    after = ops.convert_to_numpy(caller(points))
+    assert np.isposinf(after[:, 3]).all()
+    with pytest.raises(ValueError, match="never autocasts"):
+        gloro.GloroNet(x, g.f.outputs[0], epsilon=0.1, autocast=True)
+
+
 @pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.slow_on_jax), "mixed_float16"])
 def test_half_precision_policies_certify_from_float32_logits(policy, rng):
     keras.config.set_dtype_policy(policy)
