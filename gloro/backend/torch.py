@@ -92,12 +92,26 @@ def all_equal(tensors, others):
     return torch.tensor(all(_equal(a, b) for a, b in zip(tensors, others)))
 
 
+def _numpy_readable(tensor):
+    """Whether NumPy can read the tensor's memory: a CPU tensor, outside
+    `torch.compile` (which cannot trace NumPy), and not a `torch.func`
+    wrapper, for which torch has no public test (reading is the test, a
+    microsecond)."""
+    if tensor.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    try:
+        tensor.detach().numpy()
+    except RuntimeError:
+        return False
+    return True
+
+
 # Entries from which NumPy's comparison beats `torch.equal`'s fixed cost.
 _NUMPY_EQUAL_FROM = 1 << 14
 
 
 def _equal(a, b):
-    if a.numel() >= _NUMPY_EQUAL_FROM and a.device.type == "cpu" and b.device.type == "cpu":
+    if a.numel() >= _NUMPY_EQUAL_FROM and _numpy_readable(a) and _numpy_readable(b):
         return np.array_equal(a.detach().numpy(), b.detach().numpy())
     return torch.equal(a, b)
 
@@ -182,25 +196,9 @@ def certificate_ops(logits):
         `where`, `concatenate` (a torch tensor in both), `finite_rows` and
         `quiet`.
     """
-    if (
-        torch.is_tensor(logits)
-        and logits.device.type == "cpu"
-        and not logits.requires_grad
-        and not torch.compiler.is_compiling()
-        and _numpy_readable(logits)
-    ):
+    if torch.is_tensor(logits) and not logits.requires_grad and _numpy_readable(logits):
         return _NUMPY_CERTIFICATE_OPS
     return _TORCH_CERTIFICATE_OPS
-
-
-def _numpy_readable(tensor):
-    # torch has no public test for a `torch.func` wrapper; reading its
-    # memory is the test (a microsecond).
-    try:
-        tensor.detach().numpy()
-    except RuntimeError:
-        return False
-    return True
 
 
 def forward_hook_site(layers):
