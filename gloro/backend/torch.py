@@ -92,18 +92,17 @@ def all_equal(tensors, others):
     return torch.tensor(all(_equal(a, b) for a, b in zip(tensors, others)))
 
 
-def _numpy_readable(tensor):
-    """Whether NumPy can read the tensor's memory: a CPU tensor, outside
-    `torch.compile` (which cannot trace NumPy), and not a `torch.func`
-    wrapper, for which torch has no public test (reading is the test, a
-    microsecond)."""
+def _numpy_view(tensor):
+    """The tensor's memory as a NumPy array, or None where NumPy cannot read
+    it: off the CPU, under `torch.compile` (which cannot trace NumPy), or a
+    `torch.func` wrapper, for which torch has no public test (reading is
+    the test, a microsecond)."""
     if tensor.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
+        return None
     try:
-        tensor.detach().numpy()
+        return tensor.detach().numpy()
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
 # Entries from which NumPy's comparison beats `torch.equal`'s fixed cost.
@@ -111,8 +110,10 @@ _NUMPY_EQUAL_FROM = 1 << 14
 
 
 def _equal(a, b):
-    if a.numel() >= _NUMPY_EQUAL_FROM and _numpy_readable(a) and _numpy_readable(b):
-        return np.array_equal(a.detach().numpy(), b.detach().numpy())
+    if a.numel() >= _NUMPY_EQUAL_FROM:
+        arrays = [_numpy_view(a), _numpy_view(b)]
+        if all(array is not None for array in arrays):
+            return np.array_equal(*arrays)
     return torch.equal(a, b)
 
 
@@ -196,7 +197,7 @@ def certificate_ops(logits):
         `where`, `concatenate` (a torch tensor in both), `finite_rows` and
         `quiet`.
     """
-    if torch.is_tensor(logits) and not logits.requires_grad and _numpy_readable(logits):
+    if torch.is_tensor(logits) and not logits.requires_grad and _numpy_view(logits) is not None:
         return _NUMPY_CERTIFICATE_OPS
     return _TORCH_CERTIFICATE_OPS
 
