@@ -172,8 +172,9 @@ class GloroNet(_GloroSteps, keras.Model):
     weights; `g.f` is the model actually used, a functional model (a
     `Sequential` becomes the functional model of its layers, and a subclass
     of `keras.Model`, whose methods could compute something other than its
-    graph, is refused). The GloroNet runs `f`'s graph through Keras'
-    functional `call`, whatever `call` or `forward` is set on the instance.
+    graph, is refused). The GloroNet runs `f`'s graph itself, layer by layer
+    as Keras' functional `call` does, whatever `call` or `forward` is set on
+    the instance.
 
     Args:
         inputs, outputs: as for a functional `keras.Model` (the logits model).
@@ -364,10 +365,10 @@ class GloroNet(_GloroSteps, keras.Model):
         return self._certifier(logits)
 
     def _logits(self, x, training):
-        """`f`'s logits through its class's `call`, which runs the graph of
-        layers the bound covers: `self.f(x)` would also run a `call` or a
-        torch `forward` set on the instance."""
-        return type(self.f).call(self.f, x, training=training)
+        """`f`'s logits from the graph of layers the bound covers, walked
+        as `f`'s functional `call` walks it: `self.f(x)` would also run a
+        `call` or a torch `forward` set on the instance."""
+        return self._graph.run(x, training)
 
     def _certified_outputs(self, logits, values):
         """The inference outputs from `values`, the margin constants, epsilon,
@@ -772,7 +773,10 @@ class GloroNet(_GloroSteps, keras.Model):
         row. Only then (or when a row's logits are NaN/inf) are the weights
         compared here, and the batch run again on freshly frozen constants.
         """
-        self._check_structure()
+        if not backend.predict_runs_call_eagerly(self):
+            # A compiled predict function runs `call`'s own check only when
+            # it is traced.
+            self._check_structure()
         outputs = super().predict_on_batch(x)
         if np.isposinf(outputs[:, -1]).any() and not self._weights_match_frozen(trust_marks=False):
             self.freeze_lipschitz()

@@ -162,6 +162,46 @@ def test_unbuilt_sequential_is_refused():
         gloro.GloroNet(model=keras.Sequential([layers.Dense(4), layers.Dense(2)]), epsilon=0.1)
 
 
+class DoubledWhileTraining(layers.MinMax):
+    """A layer whose `call` takes `training`, as Keras' functional call
+    passes it; its own bound covers both modes."""
+
+    def call(self, x, training=None):
+        return super().call(x) * (2.0 if training else 1.0)
+
+    def guaranteed_bound(self):
+        return 2.0
+
+
+@pytest.mark.parametrize("build", [residual_net, lambda: residual_net(layers.MinMax), concatenating_net])
+def test_run_computes_what_the_functional_model_computes(build, rng):
+    """`LipschitzGraph.run` (which a GloroNet's call uses) gives `f`'s own
+    outputs bit for bit, on graphs with every merge, in both modes and for
+    inputs of other dtypes, which it converts as `f` does."""
+    x, y = build()
+    f = keras.Model(x, y)
+    for weight in f.weights:
+        weight.assign(rng.normal(scale=0.3, size=weight.shape).astype("float32"))
+    graph = LipschitzGraph(f)
+    batch = rng.normal(size=(7,) + tuple(f.input_shape[1:]))
+    for inputs in (batch.astype("float32"), batch, np.round(batch * 3).astype("int32")):
+        for training in (False, True):
+            expected = ops.convert_to_numpy(f(inputs, training=training))
+            np.testing.assert_array_equal(ops.convert_to_numpy(graph.run(inputs, training)), expected)
+
+
+def test_run_passes_training_to_the_layers_that_take_it(rng):
+    x = keras.Input((4,))
+    z = DoubledWhileTraining()(layers.Dense(4)(x))
+    f = keras.Model(x, layers.Dense(2)(z))
+    graph = LipschitzGraph(f)
+    batch = rng.normal(size=(5, 4)).astype("float32")
+    trained, inferred = (ops.convert_to_numpy(graph.run(batch, training)) for training in (True, False))
+    np.testing.assert_array_equal(trained, ops.convert_to_numpy(f(batch, training=True)))
+    np.testing.assert_array_equal(inferred, ops.convert_to_numpy(f(batch, training=False)))
+    assert not np.array_equal(trained, inferred)
+
+
 def test_sequential_chain_is_a_graph():
     f = keras.Sequential([keras.Input((4,)), layers.Dense(4), layers.MinMax(), layers.Dense(2)])
     graph = LipschitzGraph(f)

@@ -32,6 +32,8 @@ as Keras chooses its own backend modules. Each exposes the same interface:
 - `forward_hook_site(layers)`: where a torch forward hook would change
   what a layer computes (None on TensorFlow and JAX);
 - `pair_min_max(x)`: MinMax in the formulation fastest on that backend;
+- `predict_runs_call_eagerly(model)`: whether Keras' predict function runs
+  the model's `call` in Python at every batch (not compiled);
 - `value_marks(variables)` / `values_unchanged(variables, marks)`: cheap
   marks of variables' values that can spare a comparison (never a
   certificate's).
@@ -79,6 +81,7 @@ average_pooling_replicates_edges = _impl.average_pooling_replicates_edges
 GloroSteps = _impl.GloroSteps
 value_marks = _impl.value_marks
 pair_min_max = _impl.pair_min_max
+predict_runs_call_eagerly = _impl.predict_runs_call_eagerly
 all_equal = _impl.all_equal
 certificate_ops = _impl.certificate_ops
 filled_like = _impl.filled_like

@@ -54,6 +54,19 @@ def all_equal(tensors, others):
     return ops.all(ops.stack([ops.all(ops.equal(a, b)) for a, b in zip(tensors, others)]))
 
 
+def predict_runs_call_eagerly(model):
+    """Whether Keras' predict function runs `model.call` in Python at every
+    batch: only with `run_eagerly` where the backend compiles it.
+
+    Args:
+        model: a compiled or uncompiled Keras model.
+
+    Returns:
+        bool.
+    """
+    return bool(model.run_eagerly)
+
+
 def filled_like(tensor, value):
     """An array of `value`s with `tensor`'s shape and dtype (TensorFlow and
     JAX choose memory layouts themselves).

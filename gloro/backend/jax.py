@@ -70,6 +70,8 @@ filled_like = common.filled_like
 # Keras layers run no torch hooks here.
 forward_hook_site = common.forward_hook_site
 
+predict_runs_call_eagerly = common.predict_runs_call_eagerly
+
 
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels, and fewer kernels in XLA's
 # compiled step.

@@ -86,6 +86,8 @@ filled_like = common.filled_like
 # Keras layers run no torch hooks here.
 forward_hook_site = common.forward_hook_site
 
+predict_runs_call_eagerly = common.predict_runs_call_eagerly
+
 
 # MinMax (gloro.layers.MinMax): TensorFlow's CPU kernels copy strided slices: MinMax
 # networks predict about 40% faster with a reshape.

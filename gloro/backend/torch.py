@@ -16,6 +16,7 @@ y, dy = grad(x)             # dy == 2 * x
 """
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -141,25 +142,41 @@ def _finite_rows(x):
     return (low > -np.inf) & (high < np.inf)
 
 
-# What `gloro.certificates.add_bottom_logit` calls, as direct torch calls
-# with the `keras.ops` semantics for tensors of one device (Keras' torch
-# backend calls the same functions after converting its arguments, which
-# costs 2 to 10 times the operation itself on `(n, m)` tensors).
-_TORCH_CERTIFICATE_OPS = types.SimpleNamespace(
-    cast=lambda x, dtype: x.to(getattr(torch, dtype)) if torch.is_tensor(x) else ops.cast(x, dtype),
-    convert_to_tensor=ops.convert_to_tensor,
-    max=lambda x, axis: torch.amax(x, dim=axis),
-    argmax=lambda x, axis: torch.argmax(x, dim=axis),
-    take=lambda x, indices, axis: torch.index_select(x, axis, indices),
-    where=torch.where,
-    concatenate=lambda xs, axis: torch.cat(xs, dim=axis),
-    finite_rows=_finite_rows,
-    quiet=contextlib.nullcontext,
-)
+@functools.lru_cache(maxsize=None)
+def _torch_certificate_ops(device):
+    """What `gloro.certificates.add_bottom_logit` calls on logits on
+    `device`, as direct torch calls with the `keras.ops` semantics (Keras'
+    torch backend calls the same functions after converting its arguments,
+    which costs 2 to 10 times the operation itself on `(n, m)` tensors: 60
+    µs to convert a `(10, 10)` array). `device` None: Keras' device, for
+    logits that are not a tensor yet."""
+    return types.SimpleNamespace(
+        cast=lambda x, dtype: x.to(getattr(torch, dtype)) if torch.is_tensor(x) else ops.cast(x, dtype),
+        convert_to_tensor=ops.convert_to_tensor if device is None else lambda x: torch.as_tensor(x, device=device),
+        max=lambda x, axis: torch.amax(x, dim=axis),
+        argmax=lambda x, axis: torch.argmax(x, dim=axis),
+        take=lambda x, indices, axis: torch.index_select(x, axis, indices),
+        where=torch.where,
+        concatenate=lambda xs, axis: torch.cat(xs, dim=axis),
+        finite_rows=_finite_rows,
+        quiet=contextlib.nullcontext,
+    )
 
 
-def _numpy(x, dtype):
-    return (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(dtype, copy=False)
+def _column_major(x, dtype):
+    # Column-major, so that reductions along the class axis walk memory in
+    # order: on `(512, 10)` logits a row-major `max(axis=1)` costs ten times
+    # as much (NumPy reduces each short row on its own).
+    return np.asarray(x.detach().numpy() if torch.is_tensor(x) else x, dtype=dtype, order="F")
+
+
+def _take_column_major(x, indices, axis):
+    # Gathered through the transpose, so that the result is column-major too.
+    return np.take(x.T, indices, axis=x.ndim - 1 - axis).T
+
+
+def _row_major_tensor(xs, axis):
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(xs, axis=axis)))
 
 
 # The same in NumPy, on the tensors' own memory, for logits that need no
@@ -167,15 +184,16 @@ def _numpy(x, dtype):
 # `torch.no_grad()`): a NumPy operation on `(n, m)` arrays costs a fraction
 # of a torch one, and the ⊥ logit takes about 25 of them. IEEE float32
 # arithmetic either way, so the outputs are the same bits
-# (tests/test_certificates.py); only the result becomes a tensor again.
+# (tests/test_certificates.py); only the result becomes a (row-major) tensor
+# again.
 _NUMPY_CERTIFICATE_OPS = types.SimpleNamespace(
-    cast=_numpy,
+    cast=_column_major,
     convert_to_tensor=np.asarray,
     max=lambda x, axis: np.max(x, axis=axis),
     argmax=lambda x, axis: np.argmax(x, axis=axis),
-    take=lambda x, indices, axis: np.take(x, indices, axis=axis),
+    take=_take_column_major,
     where=np.where,
-    concatenate=lambda xs, axis: torch.from_numpy(np.concatenate(xs, axis=axis)),
+    concatenate=_row_major_tensor,
     finite_rows=lambda x: np.isfinite(x).all(axis=1),
     # inf - inf and the like are expected in rows that are never certified.
     quiet=lambda: np.errstate(all="ignore"),
@@ -199,7 +217,7 @@ def certificate_ops(logits):
     """
     if torch.is_tensor(logits) and not logits.requires_grad and _numpy_view(logits) is not None:
         return _NUMPY_CERTIFICATE_OPS
-    return _TORCH_CERTIFICATE_OPS
+    return _torch_certificate_ops(logits.device if torch.is_tensor(logits) else None)
 
 
 def forward_hook_site(layers):
@@ -225,6 +243,20 @@ def forward_hook_site(layers):
         if layer._forward_hooks or layer._forward_pre_hooks:
             return f"layer '{layer.name}'"
     return None
+
+
+def predict_runs_call_eagerly(model):
+    """Whether Keras' predict function runs `model.call` in Python at every
+    batch: always, unless the model was compiled with `jit_compile=True`
+    (then `torch.compile` traces it).
+
+    Args:
+        model: a compiled or uncompiled Keras model.
+
+    Returns:
+        bool.
+    """
+    return bool(model.run_eagerly or not model.jit_compile)
 
 
 # MinMax (gloro.layers.MinMax): as fast as a reshape on this backend's CPU kernels.
