@@ -190,6 +190,25 @@ def test_run_computes_what_the_functional_model_computes(build, rng):
             np.testing.assert_array_equal(ops.convert_to_numpy(graph.run(inputs, training)), expected)
 
 
+def test_run_casts_and_regularizes_as_the_functional_model_does(rng):
+    """Outside training, `run` calls the layers it knows through their
+    `call`: inputs are still cast to each layer's dtype (a float64 layer in
+    a float32 network), and a layer with an activity regularizer is still
+    called through `__call__`, which records its loss."""
+    x = keras.Input((4,))
+    z = layers.Dense(6, dtype="float64")(x)
+    z = layers.MinMax()(z)
+    regularized = layers.Dense(4, activity_regularizer="l2")
+    f = keras.Model(x, layers.Dense(3)(regularized(z)))
+    for weight in f.weights:
+        weight.assign(rng.normal(scale=0.3, size=weight.shape))
+    graph = LipschitzGraph(f)
+    batch = rng.normal(size=(5, 4)).astype("float32")
+    out = graph.run(batch, False)
+    assert regularized.losses
+    np.testing.assert_array_equal(ops.convert_to_numpy(out), ops.convert_to_numpy(f(batch, training=False)))
+
+
 def test_run_passes_training_to_the_layers_that_take_it(rng):
     x = keras.Input((4,))
     z = DoubledWhileTraining()(layers.Dense(4)(x))

@@ -313,3 +313,20 @@ def test_the_certifying_call_runs_under_torch_func_transforms(rng):
     bottom_sum(leaf).backward()
     np.testing.assert_allclose(torch.func.grad(bottom_sum)(t).detach().numpy(), leaf.grad.numpy(), rtol=1e-6, atol=1e-7)
     assert leaf.grad.abs().sum() > 0
+
+
+def test_backward_hooks_run_in_a_certifying_call(rng):
+    """Outside training the GloroNet calls most layers' `call` directly;
+    a layer carrying a torch backward hook (which only its `__call__` runs)
+    is called through `__call__`, so the hook sees the gradient."""
+    x, _ = blobs(rng, n=8)
+    g = make_net()
+    g.freeze_lipschitz()
+    seen = []
+    layer = g.f.layers[1]
+    handle = layer.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    try:
+        g(torch.tensor(x), training=False)[:, :-1].sum().backward()
+    finally:
+        handle.remove()
+    assert seen and seen[0][0] == len(x)

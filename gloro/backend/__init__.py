@@ -31,6 +31,8 @@ as Keras chooses its own backend modules. Each exposes the same interface:
   so that a GloroNet survives them;
 - `forward_hook_site(layers)`: where a torch forward hook would change
   what a layer computes (None on TensorFlow and JAX);
+- `runs_backward_hooks(layer)`: whether torch would run a backward hook
+  around a call of the layer (False on TensorFlow and JAX);
 - `pair_min_max(x)`: MinMax in the formulation fastest on that backend;
 - `predict_runs_call_eagerly(model)`: whether Keras' predict function runs
   the model's `call` in Python at every batch (not compiled);
@@ -86,6 +88,7 @@ all_equal = _impl.all_equal
 certificate_ops = _impl.certificate_ops
 filled_like = _impl.filled_like
 forward_hook_site = _impl.forward_hook_site
+runs_backward_hooks = _impl.runs_backward_hooks
 values_unchanged = _impl.values_unchanged
 
 

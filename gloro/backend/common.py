@@ -112,3 +112,8 @@ def forward_hook_site(layers):
     """None: Keras layers run no forward hooks on TensorFlow and JAX (the
     torch backend's `forward_hook_site` says where its hooks would run)."""
     return None
+
+
+def runs_backward_hooks(layer):
+    """False: Keras layers run no backward hooks on TensorFlow and JAX."""
+    return False

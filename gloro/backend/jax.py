@@ -69,6 +69,7 @@ filled_like = common.filled_like
 
 # Keras layers run no torch hooks here.
 forward_hook_site = common.forward_hook_site
+runs_backward_hooks = common.runs_backward_hooks
 
 predict_runs_call_eagerly = common.predict_runs_call_eagerly
 

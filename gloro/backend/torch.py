@@ -245,6 +245,25 @@ def forward_hook_site(layers):
     return None
 
 
+def runs_backward_hooks(layer):
+    """Whether torch would run a backward hook registered on `layer` (or on
+    every module) when the layer is called as a module: calling its `call`
+    directly would skip it.
+
+    Args:
+        layer: a Keras layer (a torch module on this backend).
+
+    Returns:
+        bool.
+    """
+    return bool(
+        torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+    )
+
+
 def predict_runs_call_eagerly(model):
     """Whether Keras' predict function runs `model.call` in Python at every
     batch: always, unless the model was compiled with `jit_compile=True`
